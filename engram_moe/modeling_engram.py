@@ -261,9 +261,11 @@ class EngramLayer(nn.Module):
 
     def lookup(self, hash_ids: torch.Tensor) -> torch.Tensor:
         """`[B, T, (N-1)*K]` head indices -> memory vectors `e_t` `[B, T, d_mem]`."""
-        table = self.embedding.weight
-        # The table may live on another device than the activations (host offload): index where it is.
-        rows = F.embedding((hash_ids + self.offsets).to(table.device), table)
+        # Through the module (not F.embedding on its weight) so that sharding wrappers such as
+        # torch.distributed's RowwiseParallel see the call. The table may live on another device than the
+        # activations (host offload): index where it is.
+        table_device = self.embedding.weight.device
+        rows = self.embedding((hash_ids + self.offsets.to(hash_ids.device)).to(table_device))
         return rows.flatten(-2).to(hash_ids.device)
 
     def forward(
