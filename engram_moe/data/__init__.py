@@ -33,7 +33,9 @@ def unpack_tokenizer(name: str = DEFAULT_TOKENIZER, cache_dir: str | os.PathLike
         raise ValueError(f"No shipped tokenizer named {name!r}; available: {DEFAULT_TOKENIZER!r}.")
     packed = source / "tokenizer.json.gz"
     digest = hashlib.sha256(packed.read_bytes()).hexdigest()[:16]
-    root = Path(cache_dir or os.environ.get("ENGRAM_MOE_CACHE", Path(tempfile.gettempdir()) / "engram_moe"))
+    root = Path(
+        cache_dir or os.environ.get("ENGRAM_MOE_CACHE", Path(tempfile.gettempdir()) / "engram-moe-cache")
+    )
     target = root / f"tokenizer-{name}-{digest}"
     if not (target / "tokenizer.json").exists():
         staging = Path(tempfile.mkdtemp(dir=root.mkdir(parents=True, exist_ok=True) or root))
