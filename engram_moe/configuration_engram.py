@@ -150,7 +150,7 @@ class EngramMoEConfig(PreTrainedConfig):
         self._validate()
 
         # Engram layers keep KV *and* two conv-state slots in the generation cache: slot 0 holds the short
-        # convolution's input frames, slot 1 (used on the first Engram layer only) the last N-1 compressed ids.
+        # convolution's input frames, slot 1 the last N-1 compressed ids.
         expected_types = [
             "hybrid" if i in self.engram_layer_ids else "full_attention"
             for i in range(self.num_hidden_layers)

@@ -58,7 +58,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_engram import EngramMoEConfig
 
-# Cache conv-state slots of an Engram ("hybrid") layer.
+# Cache conv-state slots of an Engram ("hybrid") layer: the short conv's input frames and the last N-1 ids.
 CONV_STATE = 0
 NGRAM_HISTORY_STATE = 1
 # Floor of |score| under the gate's signed square root (the reference's constant).
@@ -833,10 +833,14 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
             pads = compressed.new_full((compressed.shape[0], context), config.engram_compressed_pad_id)
             compressed = torch.cat([pads, compressed], dim=1)
         if cache is not None:
-            # On prefill we hand in `pads + ids`; on decode the cache returns `cached + ids`.
-            compressed = cache.update_conv_state(
-                compressed, first, state_idx=NGRAM_HISTORY_STATE, conv_kernel_size=context
-            )
+            # On prefill we hand in `pads + ids`; on decode the cache returns `cached + ids`. Every Engram layer
+            # keeps the (identical, tiny) history so that each cache layer can be cropped and reordered alone.
+            new_ids = compressed
+            for layer_id in config.engram_layer_ids:
+                extended = cache.update_conv_state(
+                    new_ids, layer_id, state_idx=NGRAM_HISTORY_STATE, conv_kernel_size=context
+                )
+                compressed = extended if layer_id == first else compressed
         return hash_ngrams(
             compressed, self.engram_multipliers, self.engram_moduli, config.engram_max_ngram_size
         )
