@@ -7,7 +7,7 @@ modeling files and ``auto_map`` next to the weights.
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .compression import build_token_map, compressed_vocab_size
+from .compression import build_token_map, check_tokenizer_matches, compressed_vocab_size, token_map_config
 from .configuration_engram import EngramMoEConfig
 from .modeling_engram import (
     EngramLayer,
@@ -38,10 +38,12 @@ __all__ = [
     "EngramMoEModel",
     "EngramMoEPreTrainedModel",
     "build_token_map",
+    "check_tokenizer_matches",
     "compressed_vocab_size",
     "engram_hash_ids",
     "engram_param_groups",
     "get_preset",
     "hash_ngrams",
+    "token_map_config",
     "update_router_biases",
 ]

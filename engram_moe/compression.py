@@ -18,7 +18,14 @@ import time
 
 import torch
 
-__all__ = ["build_token_map", "compressed_vocab_size", "key_normalizer", "map_pad_id"]
+__all__ = [
+    "build_token_map",
+    "check_tokenizer_matches",
+    "compressed_vocab_size",
+    "key_normalizer",
+    "map_pad_id",
+    "token_map_config",
+]
 
 # Private-use code point that protects a text consisting of exactly one space from ``Strip``.
 _SENTINEL = "\ue000"
@@ -170,3 +177,44 @@ def map_pad_id(token_map, raw_pad_id: int) -> int:
     if raw_pad_id >= token_map.numel():
         raise ValueError(f"raw_pad_id={raw_pad_id} is outside the token map (length {token_map.numel()}).")
     return int(token_map[raw_pad_id])
+
+
+def token_map_config(token_map, raw_pad_id: int = 2) -> dict:
+    """The config fields a token map fixes: ``EngramMoEConfig(**preset, **token_map_config(map, pad))``.
+
+    |V'| sets the hash multipliers and the compressed pad id fills positions before a sequence start, so both
+    must be in the config before the model (and its multipliers) is built.
+    """
+    return {
+        "engram_pad_id": int(raw_pad_id),
+        "engram_compressed_vocab_size": compressed_vocab_size(token_map),
+        "engram_compressed_pad_id": map_pad_id(token_map, raw_pad_id),
+    }
+
+
+def check_tokenizer_matches(model, tokenizer) -> None:
+    """Raise ``ValueError`` if ``tokenizer`` is not the one the checkpoint's Engram token map was built from.
+
+    A different tokenizer would send the same text to other n-gram rows: the model would silently read the
+    wrong memory. Builds the tokenizer's map (seconds) and compares it with the model's saved map.
+    """
+    config = model.config
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {len(tokenizer)} ids but the model's vocab_size is {config.vocab_size}: they do "
+            "not belong together."
+        )
+    token_map = build_token_map(tokenizer)
+    size = compressed_vocab_size(token_map)
+    if size != config.engram_compressed_vocab_size:
+        raise ValueError(
+            f"The tokenizer compresses to {size} ids but the checkpoint was built for "
+            f"engram_compressed_vocab_size={config.engram_compressed_vocab_size}."
+        )
+    saved = model.get_decoder().engram_token_map[: token_map.numel()].cpu()
+    differing = (saved != token_map).nonzero().flatten()
+    if differing.numel():
+        raise ValueError(
+            f"The tokenizer's compression differs from the checkpoint's token map at {differing.numel()} ids "
+            f"(first: raw id {int(differing[0])})."
+        )
