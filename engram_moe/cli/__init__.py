@@ -1,0 +1,1 @@
+"""Console entry points (`engram-train`, ...): thin argument parsers over the package."""
