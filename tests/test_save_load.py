@@ -106,3 +106,12 @@ def test_checkpoint_with_another_compression_is_refused(saved, tmp_path):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="engram_multipliers"):
         AutoModelForCausalLM.from_pretrained(folder)
+
+
+def test_derived_buffers_are_rebuilt_on_load(saved):
+    # from_pretrained builds on the meta device: every non-persistent buffer must come from _init_weights.
+    model, folder = saved
+    loaded = EngramMoEForCausalLM.from_pretrained(folder)
+    fresh = dict(model.named_buffers())
+    for name, buffer in loaded.named_buffers():
+        assert torch.equal(buffer, fresh[name]), name
