@@ -10,6 +10,9 @@ The test process then trains 4 steps on one process with batch 4 and compares.
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,11 +23,18 @@ from torch import nn
 
 from engram_moe import EngramMoEForCausalLM, get_preset
 from engram_moe.training.pretrain import train
-from engram_moe.training.sharding import ShardedEmbedding, gather_full_tables, shard_range
+from engram_moe.training.sharding import (
+    ShardedEmbedding,
+    clip_grad_norm_,
+    gather_full_tables,
+    shard_engram_tables,
+    shard_range,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORLD = 2
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _check_sharded_embedding(rank: int, world: int) -> dict:
@@ -188,3 +198,47 @@ def test_save_pretrained_is_unsharded_and_matches_one_process(two_process_run, o
     ids = torch.randint(3, 259, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(two(input_ids=ids).logits, one(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cli_under_torchrun_with_bf16_and_checkpointing(tmp_path):
+    """The documented launch: `torchrun --nproc_per_node 2 scripts/train.py ...` (accelerate launch uses it too)."""
+    corpus = write_tiny_corpus(tmp_path, num_docs=20, chars=1500)
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(ROOT / "scripts" / "train.py"), "--model", "tiny-engram-moe", "--dataset", str(corpus),
+        "--seq-len", "32", "--batch-size", "2", "--max-steps", "3", "--eval-every", "3", "--eval-batches", "1",
+        "--save-every", "3", "--log-every", "1", "--bf16", "--gradient-checkpointing", "--set", "router_bias_update_speed=0.01",
+        "--output-dir", str(out), "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es) on cpu" in result.stdout
+    shards = sorted(p.name for p in (out / "checkpoints" / "step-00000003").glob("tables-*"))
+    assert shards == ["tables-rank00000-of-00002.pt", "tables-rank00001-of-00002.pt"]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    assert (out / "loss_curve.png").stat().st_size > 10_000
+    assert json.loads((out / "final" / "train_config.json").read_text())["bf16"] is True
+    model = EngramMoEForCausalLM.from_pretrained(out / "final")
+    assert all(isinstance(layer.embedding, nn.Embedding) for layer in model.model.engram_layers)
+
+
+def test_clip_grad_norm_matches_torch_on_one_process():
+    torch.manual_seed(0)
+    model = EngramMoEForCausalLM._from_config(get_preset("tiny-engram-moe"), experts_implementation="eager")
+    reference = EngramMoEForCausalLM._from_config(
+        get_preset("tiny-engram-moe"), experts_implementation="eager"
+    )
+    reference.load_state_dict(model.state_dict())
+    shard_engram_tables(model)  # one process: the shards are the whole tables
+    ids = torch.randint(3, 259, (2, 16), generator=torch.Generator().manual_seed(1))
+    for m in (model, reference):
+        m(input_ids=ids, labels=ids).loss.backward()
+    ours = clip_grad_norm_(model, 0.5)
+    theirs = torch.nn.utils.clip_grad_norm_(reference.parameters(), 0.5)
+    torch.testing.assert_close(ours, theirs)
+    assert ours > 0.5  # clipping happened
+    for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, msg=name)

@@ -380,7 +380,10 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
     tables = shard_engram_tables(model) if cfg.shard_tables else {}
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     if cfg.train_only_engram:
         from .hf import train_only_engram_tables
@@ -503,7 +506,7 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                         "elapsed_s": time.perf_counter() - run_start,
                     }
                 )
-            if cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.max_steps):
+            if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps:
                 with accelerator.autocast():
                     val = evaluate(
                         ddp_model, data, cfg.batch_size, rank, world_size, device, cfg.eval_batches

@@ -183,6 +183,13 @@ def ignore_sharded_parameters_in_ddp(model: nn.Module) -> None:
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sharded_parameter_names(model))
 
 
+def _squared_norm(grads: list[torch.Tensor], device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), device=device, dtype=torch.float32)
+    norms = torch._foreach_norm(grads, 2.0)  # one fused kernel per dtype/device, not one per tensor
+    return torch.stack([n.float() for n in norms]).pow(2).sum()
+
+
 def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> torch.Tensor:
     """Clip by the global gradient norm of the whole (logical, unsharded) model; returns the norm.
 
@@ -195,19 +202,13 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, group=None) -> torch.Tens
         if param.grad is not None:
             (shards if id(param) in shard_ids else replicated).append(param.grad)
     device = (replicated or shards)[0].device if (replicated or shards) else torch.device("cpu")
-    shard_sq = torch.zeros((), device=device, dtype=torch.float32)
-    for grad in shards:
-        shard_sq += grad.detach().float().pow(2).sum()
+    shard_sq = _squared_norm(shards, device)
     if _dist_ready() and dist.get_world_size(group) > 1:
         dist.all_reduce(shard_sq, group=group)
-    replicated_sq = torch.zeros((), device=device, dtype=torch.float32)
-    for grad in replicated:
-        replicated_sq += grad.detach().float().pow(2).sum()
-    total = (replicated_sq + shard_sq).sqrt()
+    total = (_squared_norm(replicated, device) + shard_sq).sqrt()
     if max_norm and max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for grad in replicated + shards:
-            grad.mul_(scale.to(grad.dtype))
+        torch._foreach_mul_(replicated + shards, scale)
     return total
 
 
