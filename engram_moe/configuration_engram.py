@@ -19,6 +19,8 @@ from .engram_constants import engram_layer_multipliers, engram_primes
 
 _DERIVED_KEYS = ("engram_primes", "engram_multipliers")
 _SCORING_FUNCS = ("softmax", "sigmoid")
+_TABLE_PLACEMENTS = ("device", "host")
+_ENGRAM_KERNELS = ("auto", "triton", "torch", "reference")
 
 
 class EngramMoEConfig(PreTrainedConfig):
@@ -48,6 +50,12 @@ class EngramMoEConfig(PreTrainedConfig):
     - ``engram_init_std``: std of the table init (``None`` = ``initializer_range``; the demo uses 1.0).
     - ``engram_reset_on_padding``: treat positions with ``attention_mask == 0`` as a sequence start (production
       behaviour); ``False`` hashes them like the demo does.
+    - ``engram_table_placement``: where each Engram table lives: ``"device"`` (with the model, HBM on a GPU) or
+      ``"host"`` (pinned host memory, rows read over PCIe); one value or one per Engram layer. Can be set at load
+      time (``from_pretrained(..., engram_table_placement="host")``).
+    - ``engram_kernels``: ``"auto"`` (Triton kernels on CUDA, the reference on CPU), ``"triton"``, ``"torch"``
+      (fused PyTorch path) or ``"reference"`` (the plain PyTorch code). ``engram_prefetch``: gather host tables'
+      rows on a side CUDA stream as soon as the ids are known.
 
     Derived, read-only: ``engram_primes[layer][order][head]`` and ``engram_multipliers[layer]`` (one per look-back
     0..N-1), in the order of ``engram_layer_ids``.
@@ -125,6 +133,10 @@ class EngramMoEConfig(PreTrainedConfig):
     engram_conv_zero_init: bool = True
     engram_init_std: float | None = None
     engram_reset_on_padding: bool = True
+    # Engram serving (placement and kernels; they do not change the model's function).
+    engram_table_placement: str | list[str] = "device"
+    engram_kernels: str = "auto"
+    engram_prefetch: bool = True
 
     layer_types: list[str] | None = None
 
@@ -270,6 +282,21 @@ class EngramMoEConfig(PreTrainedConfig):
             raise ValueError(f"engram_gate_norm_eps={self.engram_gate_norm_eps} must be > 0 or None.")
         if self.engram_init_std is not None and not self.engram_init_std > 0:
             raise ValueError(f"engram_init_std={self.engram_init_std} must be > 0 or None.")
+        placements = (
+            [self.engram_table_placement]
+            if isinstance(self.engram_table_placement, str)
+            else list(self.engram_table_placement)
+        )
+        bad = [p for p in placements if p not in _TABLE_PLACEMENTS]
+        if bad or (
+            not isinstance(self.engram_table_placement, str) and len(placements) != len(self.engram_layer_ids)
+        ):
+            raise ValueError(
+                f"engram_table_placement={self.engram_table_placement!r} must be one of {_TABLE_PLACEMENTS} or a list "
+                f"of them, one per Engram layer ({len(self.engram_layer_ids)})."
+            )
+        if self.engram_kernels not in _ENGRAM_KERNELS:
+            raise ValueError(f"engram_kernels={self.engram_kernels!r} must be one of {_ENGRAM_KERNELS}.")
 
     # ------------------------------------------------------------------ derived constants
 

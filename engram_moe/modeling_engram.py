@@ -33,6 +33,7 @@ How this file differs from the paper and from the reference demo (``engram_demo_
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.configuration_utils import PreTrainedConfig
 from transformers.generation import GenerationMixin
 from transformers.integrations import use_experts_implementation
 from transformers.masking_utils import create_causal_mask
@@ -57,6 +59,14 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_engram import EngramMoEConfig
+from .engram_kernels import engram_layer_forward, resolve_kernel_mode
+from .engram_offload import (
+    EngramTable,
+    engram_device_map,
+    layer_placement,
+    prepare_engram_inputs,
+    resolve_memory,
+)
 
 # Cache conv-state slots of an Engram ("hybrid") layer: the short conv's input frames and the last N-1 ids.
 CONV_STATE = 0
@@ -234,7 +244,10 @@ class EngramLayer(nn.Module):
         memory_dim = config.engram_memory_dim
         hc_hidden = self.num_branches * self.hidden_size
 
-        self.embedding = nn.Embedding(sum(primes), config.engram_head_dim)
+        # The serving settings (engram_kernels, engram_prefetch) are read from the config at call time.
+        self.config = config
+        host = layer_placement(config, self.engram_index) == "host"
+        self.embedding = EngramTable(sum(primes), config.engram_head_dim, host_resident=host)
         self.offsets = nn.Buffer(torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.key_proj = nn.Linear(memory_dim, hc_hidden, bias=config.engram_use_bias)
         self.value_proj = nn.Linear(memory_dim, self.hidden_size, bias=config.engram_use_bias)
@@ -276,7 +289,11 @@ class EngramLayer(nn.Module):
         cache: Cache | None = None,
         memory: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        memory = self.lookup(hash_ids) if memory is None else memory
+        memory = self.lookup(hash_ids) if memory is None else resolve_memory(memory)
+        mode = resolve_kernel_mode(self.config.engram_kernels, hidden_states.device)
+        if mode != "reference":
+            # The same math with a fused gate (Triton for inference, its PyTorch twin when training).
+            return engram_layer_forward(self, hidden_states, memory, attention_mask, cache, mode == "triton")
         memory = memory.to(hidden_states.dtype)
         key = self.key_norm(self.key_proj(memory).unflatten(-1, (self.num_branches, self.hidden_size)))
         query = self.query_norm(hidden_states)
@@ -662,11 +679,12 @@ class EngramMoEDecoderLayer(GradientCheckpointingLayer):
         cache: Cache | None = None,
         engram_hash_ids: torch.Tensor | None = None,
         engram_mask: torch.Tensor | None = None,
+        engram_memory=None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> torch.Tensor:
         if self.engram is not None:
             hidden_states, _ = self.engram(
-                hidden_states, engram_hash_ids, attention_mask=engram_mask, cache=cache
+                hidden_states, engram_hash_ids, attention_mask=engram_mask, cache=cache, memory=engram_memory
             )
 
         def attention(x):
@@ -703,6 +721,8 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["EngramMoEDecoderLayer"]
     _skip_keys_device_placement = ["cache"]
+    # Huge Engram tables may stay in host memory: accelerate's "auto" placement may leave them out.
+    _no_placement_params = ["engram.embedding.weight"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -714,6 +734,58 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         "attentions": EngramMoEAttention,
         "engram_gates": OutputRecorder(EngramLayer, index=1),
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, with host-placed Engram tables kept out of `device_map`.
+
+        With `engram_table_placement="host"` (in the saved config or as a keyword) and a `device_map`, the tables
+        load into host memory and are page-locked; everything else goes where `device_map` says. So a checkpoint
+        whose tables exceed GPU memory loads with `device_map="cuda"`.
+        """
+        config = kwargs.get("config")
+        # PreTrainedConfig, not EngramMoEConfig: remote code loads its own copy of the config class.
+        if isinstance(config, PreTrainedConfig) and "engram_table_placement" in kwargs:
+            # With a config object, transformers would hand unknown keywords to __init__: set it here instead.
+            config = copy.deepcopy(config)
+            config.engram_table_placement = kwargs.pop("engram_table_placement")
+            kwargs["config"] = config
+        device_map = kwargs.get("device_map")
+        if device_map is not None:
+            if not isinstance(config, PreTrainedConfig):
+                download = (
+                    "cache_dir",
+                    "force_download",
+                    "local_files_only",
+                    "token",
+                    "revision",
+                    "subfolder",
+                )
+                config = EngramMoEConfig.from_pretrained(
+                    config if config is not None else pretrained_model_name_or_path,
+                    **{key: kwargs[key] for key in download if key in kwargs},
+                )
+                if "engram_table_placement" in kwargs:
+                    config.engram_table_placement = kwargs["engram_table_placement"]
+            kwargs["device_map"] = engram_device_map(cls, config, device_map, kwargs.get("max_memory"))
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        # Host tables were loaded to the CPU: page-lock them for the GPU's reads (device tables stay put).
+        model._place_engram_tables(only="host")
+        return model
+
+    def set_engram_table_placement(self, placement: str | list[str]) -> None:
+        """Move the Engram tables: "device" (with the model's first parameter) or "host" (pinned host memory),
+        one value or one per Engram layer. Saved in the config."""
+        self.config.engram_table_placement = placement
+        self._place_engram_tables()
+
+    def _place_engram_tables(self, only: str | None = None) -> None:
+        device = next(p.device for n, p in self.named_parameters() if ".engram.embedding." not in n)
+        for module in self.modules():
+            if isinstance(module, EngramLayer):
+                placement = layer_placement(self.config, module.engram_index)
+                if only is None or placement == only:
+                    module.embedding.place(placement, device)
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -820,6 +892,17 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, cache: Cache | None
     ) -> torch.LongTensor:
         """Compress, extend with the cached (or pad) context, and hash once for all Engram layers."""
+        compressed = self.engram_context_ids(input_ids, attention_mask, cache)
+        return hash_ngrams(
+            compressed, self.engram_multipliers, self.engram_moduli, self.config.engram_max_ngram_size
+        )
+
+    def engram_context_ids(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None, cache: Cache | None
+    ) -> torch.LongTensor:
+        """Compressed ids `[B, N-1+T]` with the N-1 ids before the first position (cached, or the pad id).
+
+        Updates the cache's n-gram history, so call it once per forward."""
         config = self.config
         compressed = self.engram_token_map[input_ids]
         if attention_mask is not None and config.engram_reset_on_padding:
@@ -841,9 +924,7 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
                     new_ids, layer_id, state_idx=NGRAM_HISTORY_STATE, conv_kernel_size=context
                 )
                 compressed = extended if layer_id == first else compressed
-        return hash_ngrams(
-            compressed, self.engram_multipliers, self.engram_moduli, config.engram_max_ngram_size
-        )
+        return compressed
 
     def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
         if torch.compiler.is_compiling():
@@ -891,7 +972,13 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
             position_ids=position_ids,
         )
         padding_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
-        hash_ids = self.compute_engram_hash_ids(input_ids, padding_mask, cache) if self.has_engram else None
+        hash_ids, engram_memory = None, {}
+        if self.has_engram:
+            # Fast paths gather every layer's memory here (host tables on a side stream, overlapping the layers
+            # before them); the reference path gets hash ids.
+            hash_ids, engram_memory = prepare_engram_inputs(
+                self, input_ids, padding_mask, cache, inputs_embeds.dtype
+            )
         engram_slot = {layer_id: i for i, layer_id in enumerate(self.config.engram_layer_ids)}
 
         hidden_states = inputs_embeds.unsqueeze(2)
@@ -906,8 +993,9 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
                 attention_mask=causal_mask,
                 position_ids=position_ids,
                 cache=cache,
-                engram_hash_ids=hash_ids[:, :, slot] if slot is not None else None,
+                engram_hash_ids=hash_ids[:, :, slot] if slot is not None and hash_ids is not None else None,
                 engram_mask=padding_mask,
+                engram_memory=engram_memory.get(decoder_layer.layer_idx),
                 **kwargs,
             )
         hidden_states = self.hc_head(hidden_states) if self.hc_head is not None else hidden_states.squeeze(2)

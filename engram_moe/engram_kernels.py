@@ -1,0 +1,499 @@
+"""Fast paths of the Engram layer: fused hash + gather and a fused gate, in Triton with PyTorch twins.
+
+The plain PyTorch code in ``modeling_engram.py`` (``hash_ngrams`` + ``EngramLayer.lookup`` + the gate written
+op by op) stays the reference. This module adds:
+
+- ``hash_gather``: hashes every (token, head) pair of one Engram layer and copies the table row it addresses
+  into the memory vector ``e_t``, in one launch. The hash ids never reach device memory (they are written only
+  when a backward pass needs them), and the table may be a CUDA view of pinned host memory (UVA): the same
+  kernel then reads the rows over PCIe. Gradients flow to the table through ``embedding_dense_backward``,
+  exactly as ``nn.Embedding`` computes them.
+- ``engram_hash``: the hash ids of all Engram layers in one launch (the reference does ~5 launches per order).
+- ``engram_gate``: both RMSNorms, the gate score, its signed square root, the sigmoid, ``u = alpha * v`` and the
+  conv's RMSNorm of ``u`` in one pass over a token's activations. The Triton kernel serves inference; when a
+  gradient is needed the PyTorch twin ``engram_gate_torch`` (the same math, written so ``torch.compile`` can fuse
+  it) runs instead.
+
+Triton is optional: without it (or on CPU) every function here has a PyTorch path with the same results, and
+``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors (the CPU tests use that when Triton is installed).
+This file imports only torch (and Triton when present), so the remote-code export works without Triton.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import torch
+
+# Triton is optional (the PyTorch paths below work without it) and imported on first use: whether it interprets
+# kernels on CPU (TRITON_INTERPRET=1) is fixed when it is imported, so importing late lets tests choose.
+triton = None
+tl = None
+
+KERNEL_MODES = ("auto", "triton", "torch", "reference")
+# Floor of |score| under the gate's signed square root (the reference's constant, as in modeling_engram).
+GATE_SQRT_FLOOR = 1e-6
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_installed() -> bool:
+    return triton is not None or importlib.util.find_spec("triton") is not None
+
+
+def _import_triton():
+    global triton, tl
+    if triton is None:
+        try:
+            import triton as triton_module
+            import triton.language as tl_module
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise RuntimeError("The Engram Triton kernels need the `triton` package.") from error
+        triton, tl = triton_module, tl_module
+    return triton
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of `device` (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    if not triton_installed():
+        return False
+    device = torch.device(device)
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpret())
+
+
+def resolve_kernel_mode(mode: str, device: torch.device) -> str:
+    """Which implementation serves `mode` on `device`: "triton", "torch" or "reference".
+
+    "auto" takes the Triton kernels on CUDA when Triton is installed, the fused PyTorch path on CUDA without it,
+    and the reference path on CPU (where the reference is already the fastest simple code). "triton" insists on
+    Triton and fails clearly where it cannot run.
+    """
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"engram_kernels={mode!r} must be one of {KERNEL_MODES}.")
+    if mode in ("reference", "torch"):
+        return mode
+    runs = triton_runs_on(device)
+    if mode == "triton":
+        if not runs:
+            raise RuntimeError(
+                f"engram_kernels='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                f"triton installed: {triton_installed()}, device: {device}."
+            )
+        return "triton"
+    if torch.device(device).type != "cuda":
+        return "reference"
+    return "triton" if runs else "torch"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ---------------------------------------------------------------------------------------------- Triton kernels
+# Plain functions, jitted on first use (`_jit`), when Triton is imported.
+
+_JITTED: dict = {}
+
+
+def _jit(fn):
+    kernel = _JITTED.get(fn.__name__)
+    if kernel is None:
+        kernel = _JITTED[fn.__name__] = _import_triton().jit(fn)
+    return kernel
+
+
+def _hash_gather_kernel(
+    ids_ptr,
+    ids_stride,
+    mult_ptr,
+    mod_ptr,
+    off_ptr,
+    table_ptr,
+    out_ptr,
+    rows_ptr,
+    num_pairs,
+    seq_len,
+    NGRAM: tl.constexpr,
+    HEADS_PER_ORDER: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    DIM: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    WRITE_ROWS: tl.constexpr,
+):
+    # One program copies BLOCK_P (token, head) rows. `ids` is [B, N-1+T] int64: the context columns first.
+    pairs = tl.program_id(0).to(tl.int64) * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = pairs < num_pairs
+    token = pairs // NUM_HEADS
+    head = pairs % NUM_HEADS
+    batch = token // seq_len
+    position = token % seq_len
+    order = head // HEADS_PER_ORDER + 2
+    base = ids_ptr + batch * ids_stride + position + (NGRAM - 1)
+    mix = tl.load(base, mask=pmask, other=0) * tl.load(mult_ptr)
+    for k in tl.static_range(1, NGRAM):
+        term = tl.load(base - k, mask=pmask, other=0) * tl.load(mult_ptr + k)
+        # Order n mixes look-backs 0..n-1, so heads of lower orders skip the later terms.
+        mix = tl.where(k < order, mix ^ term, mix)
+    modulus = tl.load(mod_ptr + head, mask=pmask, other=1)
+    row = mix % modulus + tl.load(off_ptr + head, mask=pmask, other=0)
+    if WRITE_ROWS:
+        tl.store(rows_ptr + pairs, row, mask=pmask)
+    cols = tl.arange(0, BLOCK_D)
+    mask = pmask[:, None] & (cols < DIM)[None, :]
+    values = tl.load(table_ptr + row[:, None] * DIM + cols[None, :], mask=mask)
+    tl.store(out_ptr + pairs[:, None] * DIM + cols[None, :], values.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _hash_kernel(
+    ids_ptr,
+    ids_stride,
+    mult_ptr,
+    mod_ptr,
+    out_ptr,
+    num_items,
+    seq_len,
+    NGRAM: tl.constexpr,
+    HEADS_PER_ORDER: tl.constexpr,
+    NUM_HEADS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # Items are (token, layer, head) in the layout of `hash_ngrams`' output [B, T, L, H].
+    items = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = items < num_items
+    head = items % NUM_HEADS
+    layer = (items // NUM_HEADS) % NUM_LAYERS
+    token = items // (NUM_HEADS * NUM_LAYERS)
+    batch = token // seq_len
+    position = token % seq_len
+    order = head // HEADS_PER_ORDER + 2
+    base = ids_ptr + batch * ids_stride + position + (NGRAM - 1)
+    mix = tl.load(base, mask=mask, other=0) * tl.load(mult_ptr + layer * NGRAM, mask=mask, other=0)
+    for k in tl.static_range(1, NGRAM):
+        term = tl.load(base - k, mask=mask, other=0) * tl.load(
+            mult_ptr + layer * NGRAM + k, mask=mask, other=0
+        )
+        mix = tl.where(k < order, mix ^ term, mix)
+    modulus = tl.load(mod_ptr + layer * NUM_HEADS + head, mask=mask, other=1)
+    tl.store(out_ptr + items, mix % modulus, mask=mask)
+
+
+def _gate_kernel(
+    key_ptr,
+    query_ptr,
+    value_ptr,
+    wk_ptr,
+    wq_ptr,
+    wc_ptr,
+    gate_ptr,
+    u_ptr,
+    normed_ptr,
+    hidden,
+    eps_k,
+    eps_q,
+    eps_c,
+    inv_sqrt_d,
+    HC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_CONV: tl.constexpr,
+):
+    # One program per token: all HC branches share the token's value vector.
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < hidden
+    value = tl.load(value_ptr + token * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
+    value_ms = tl.sum(value * value, axis=0) / hidden
+    for branch in tl.static_range(HC):
+        offset = (token * HC + branch) * hidden
+        key = tl.load(key_ptr + offset + cols, mask=cmask, other=0.0).to(tl.float32)
+        query = tl.load(query_ptr + offset + cols, mask=cmask, other=0.0).to(tl.float32)
+        wk = tl.load(wk_ptr + branch * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
+        wq = tl.load(wq_ptr + branch * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
+        key = key * (1.0 / tl.sqrt(tl.sum(key * key, axis=0) / hidden + eps_k)) * wk
+        query = query * (1.0 / tl.sqrt(tl.sum(query * query, axis=0) / hidden + eps_q)) * wq
+        score = tl.sum(key * query, axis=0) * inv_sqrt_d
+        root = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
+        score = tl.where(score > 0, root, tl.where(score < 0, -root, 0.0))
+        gate = 1.0 / (1.0 + tl.exp(-score))
+        tl.store(gate_ptr + token * HC + branch, gate)
+        u = gate * value
+        tl.store(u_ptr + offset + cols, u.to(u_ptr.dtype.element_ty), mask=cmask)
+        if HAS_CONV:
+            # RMS of u = |gate| * RMS of v: no second pass over u.
+            wc = tl.load(wc_ptr + branch * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
+            normed = u * (1.0 / tl.sqrt(gate * gate * value_ms + eps_c)) * wc
+            tl.store(normed_ptr + offset + cols, normed.to(normed_ptr.dtype.element_ty), mask=cmask)
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+
+
+def engram_hash(
+    ids_with_history: torch.Tensor, multipliers: torch.Tensor, moduli: torch.Tensor, max_ngram_size: int
+):
+    """`hash_ngrams` in one Triton launch: `[B, N-1+T]` int64 ids -> `[B, T, L, (N-1)*K]` int64 (bit-exact)."""
+    ids = ids_with_history.long().contiguous()
+    batch, width = ids.shape
+    seq_len = width - (max_ngram_size - 1)
+    num_layers, num_heads = moduli.shape
+    out = torch.empty(batch, seq_len, num_layers, num_heads, dtype=torch.long, device=ids.device)
+    num_items = out.numel()
+    if num_items == 0:
+        return out
+    block = 1024
+    _jit(_hash_kernel)[(-(-num_items // block),)](
+        ids,
+        ids.stride(0),
+        multipliers.contiguous(),
+        moduli.contiguous(),
+        out,
+        num_items,
+        seq_len,
+        NGRAM=max_ngram_size,
+        HEADS_PER_ORDER=num_heads // (max_ngram_size - 1),
+        NUM_HEADS=num_heads,
+        NUM_LAYERS=num_layers,
+        BLOCK=block,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- hash + gather
+
+
+def hash_gather_rows_torch(
+    ids_with_history: torch.Tensor, multipliers: torch.Tensor, moduli: torch.Tensor, offsets: torch.Tensor
+) -> torch.Tensor:
+    """Table rows `[B, T, H]` of one layer (hash + offsets) in plain PyTorch, the reference's arithmetic."""
+    from .modeling_engram import hash_ngrams  # noqa: PLC0415 - import cycle: modeling imports this module
+
+    max_ngram_size = multipliers.shape[-1]
+    rows = hash_ngrams(ids_with_history.long(), multipliers.view(1, -1), moduli.view(1, -1), max_ngram_size)
+    return rows[:, :, 0] + offsets
+
+
+def _launch_hash_gather(ids, multipliers, moduli, offsets, table, out_dtype, write_rows):
+    ids = ids.long().contiguous()
+    batch, width = ids.shape
+    ngram = multipliers.numel()
+    seq_len = width - (ngram - 1)
+    num_heads = moduli.numel()
+    dim = table.shape[1]
+    out = torch.empty(batch, seq_len, num_heads * dim, dtype=out_dtype, device=ids.device)
+    rows = torch.empty(batch, seq_len, num_heads, dtype=torch.long, device=ids.device) if write_rows else out
+    num_pairs = batch * seq_len * num_heads
+    if num_pairs == 0:
+        return out, rows
+    block_d = _next_pow2(dim)
+    # About 8K elements per program: enough independent row reads in flight to cover HBM (or PCIe) latency.
+    block_p = max(1, min(128, 8192 // block_d))
+    _jit(_hash_gather_kernel)[(-(-num_pairs // block_p),)](
+        ids,
+        ids.stride(0),
+        multipliers.contiguous(),
+        moduli.contiguous(),
+        offsets.contiguous(),
+        table,
+        out,
+        rows,
+        num_pairs,
+        seq_len,
+        NGRAM=ngram,
+        HEADS_PER_ORDER=num_heads // (ngram - 1),
+        NUM_HEADS=num_heads,
+        DIM=dim,
+        BLOCK_P=block_p,
+        BLOCK_D=block_d,
+        WRITE_ROWS=write_rows,
+        num_warps=4,
+    )
+    return out, rows
+
+
+class _HashGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ids, multipliers, moduli, offsets, weight, source, out_dtype):
+        needs_rows = ctx.needs_input_grad[4]
+        out, rows = _launch_hash_gather(ids, multipliers, moduli, offsets, source, out_dtype, needs_rows)
+        if needs_rows:
+            ctx.save_for_backward(rows)
+            ctx.num_rows = weight.shape[0]
+            ctx.weight_dtype = weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (rows,) = ctx.saved_tensors
+        dim = grad_out.shape[-1] // rows.shape[-1]
+        # nn.Embedding's own backward (sorted segment sums, accumulated in float32 for half types).
+        grad_weight = torch.ops.aten.embedding_dense_backward(
+            grad_out.reshape(-1, dim), rows.reshape(-1), ctx.num_rows, -1, False
+        )
+        return None, None, None, None, grad_weight.to(ctx.weight_dtype), None, None
+
+
+def hash_gather(
+    ids_with_history: torch.Tensor,
+    multipliers: torch.Tensor,
+    moduli: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: torch.Tensor,
+    source: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    use_triton: bool = True,
+) -> torch.Tensor:
+    """Memory vectors `e_t` `[B, T, H*D]` of one Engram layer straight from the ids with their context.
+
+    Args:
+        ids_with_history: `[B, N-1+T]` compressed ids, the first N-1 columns the context before position 0.
+        multipliers: `[N]` int64 multipliers of this layer; `moduli`, `offsets`: `[H]` int64 primes and row offsets.
+        weight: the table `[rows, D]` (the parameter gradients flow to).
+        source: the tensor the rows are read from, on the ids' device: `weight` itself, or a CUDA view of a
+            pinned host `weight` (UVA; the rows then travel over PCIe). Defaults to `weight`.
+        out_dtype: dtype of `e_t` (the activations' dtype; rows are cast while copied). Defaults to the table's.
+    """
+    source = weight if source is None else source
+    out_dtype = out_dtype or weight.dtype
+    if source is not weight and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "Gradients cannot flow into a host-resident Engram table (a dense gradient of the whole table would be "
+            "built on the GPU); keep the table on the device to train it, or freeze it (requires_grad_(False))."
+        )
+    if use_triton:
+        return _HashGather.apply(ids_with_history, multipliers, moduli, offsets, weight, source, out_dtype)
+    rows = hash_gather_rows_torch(ids_with_history, multipliers, moduli, offsets)
+    return torch.nn.functional.embedding(rows, source).flatten(-2).to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------- gate
+
+
+def engram_gate_torch(
+    key: torch.Tensor,
+    query: torch.Tensor,
+    value: torch.Tensor,
+    key_weight: torch.Tensor,
+    query_weight: torch.Tensor,
+    conv_weight: torch.Tensor | None,
+    eps_k: float,
+    eps_q: float,
+    eps_c: float,
+):
+    """The gate of `EngramLayer` with float32 (or wider) intermediates; differentiable, `torch.compile`-friendly.
+
+    Args: `key` `[..., hc, d]` (key_proj output), `query` `[..., hc, d]` (the residual streams), `value` `[..., d]`
+    (value_proj output), per-branch RMSNorm weights `[hc, d]`. Returns `gate [..., hc]`, `u = gate * value`
+    `[..., hc, d]` and `conv_norm(u)` (or None without a conv weight), all in `query`'s dtype.
+    """
+    dtype = query.dtype
+    compute = torch.promote_types(dtype, torch.float32)
+    key, query, value = key.to(compute), query.to(compute), value.to(compute)
+    key = key * torch.rsqrt(key.pow(2).mean(-1, keepdim=True) + eps_k) * key_weight.to(compute)
+    query = query * torch.rsqrt(query.pow(2).mean(-1, keepdim=True) + eps_q) * query_weight.to(compute)
+    score = (key * query).sum(-1, keepdim=True) / math.sqrt(query.shape[-1])
+    score = score.sign() * score.abs().clamp_min(GATE_SQRT_FLOOR).sqrt()
+    gate = torch.sigmoid(score)
+    u = gate * value.unsqueeze(-2)
+    normed = None
+    if conv_weight is not None:
+        normed = (u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps_c) * conv_weight.to(compute)).to(
+            dtype
+        )
+    return gate.squeeze(-1).to(dtype), u.to(dtype), normed
+
+
+def engram_gate_triton(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c):
+    """`engram_gate_torch` in one Triton launch (no autograd: inference only)."""
+    hc, hidden = query.shape[-2], query.shape[-1]
+    lead = query.shape[:-2]
+    key = key.reshape(-1, hc, hidden).contiguous()
+    query = query.reshape(-1, hc, hidden).contiguous()
+    value = value.reshape(-1, hidden).contiguous()
+    tokens = query.shape[0]
+    gate = torch.empty(tokens, hc, dtype=torch.float32, device=query.device)
+    u = torch.empty_like(query)
+    has_conv = conv_weight is not None
+    normed = torch.empty_like(query) if has_conv else u
+    if tokens:
+        block = _next_pow2(hidden)
+        _jit(_gate_kernel)[(tokens,)](
+            key,
+            query,
+            value,
+            key_weight.contiguous(),
+            query_weight.contiguous(),
+            conv_weight.contiguous() if has_conv else key_weight,
+            gate,
+            u,
+            normed,
+            hidden,
+            float(eps_k),
+            float(eps_q),
+            float(eps_c),
+            1.0 / math.sqrt(hidden),
+            HC=hc,
+            BLOCK=block,
+            HAS_CONV=has_conv,
+            num_warps=max(1, min(16, block // 256)),
+        )
+    gate = gate.to(query.dtype).view(*lead, hc)
+    u = u.view(*lead, hc, hidden)
+    return gate, u, normed.view(*lead, hc, hidden) if has_conv else None
+
+
+def engram_gate(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c, use_triton):
+    """The Triton gate for inference, the PyTorch twin when a gradient is needed or Triton cannot run."""
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (key, query, value, key_weight, query_weight, conv_weight)
+    )
+    if use_triton and not needs_grad:
+        return engram_gate_triton(
+            key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c
+        )
+    return engram_gate_torch(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c)
+
+
+def engram_layer_forward(layer, hidden_states, memory, attention_mask, cache, use_triton):
+    """`EngramLayer.forward` after the lookup, through the fused gate: `(hidden + Y, gates)`."""
+    dtype = hidden_states.dtype
+    memory = memory.to(dtype)
+    key = layer.key_proj(memory).unflatten(-1, (layer.num_branches, layer.hidden_size))
+    value = layer.value_proj(memory)
+
+    def eps(norm):
+        return torch.finfo(dtype).eps if norm.eps is None else norm.eps
+
+    has_conv = layer.conv is not None
+    gate, u, normed = engram_gate(
+        key,
+        hidden_states,
+        value,
+        layer.key_norm.weight,
+        layer.query_norm.weight,
+        layer.conv_norm.weight if has_conv else None,
+        eps(layer.key_norm),
+        eps(layer.query_norm),
+        eps(layer.conv_norm) if has_conv else 0.0,
+        use_triton,
+    )
+    output = u + layer._short_conv(normed, attention_mask, cache) if has_conv else u
+    return hidden_states + output, gate
+
+
+__all__ = [
+    "KERNEL_MODES",
+    "engram_gate",
+    "engram_gate_torch",
+    "engram_gate_triton",
+    "engram_hash",
+    "engram_layer_forward",
+    "hash_gather",
+    "hash_gather_rows_torch",
+    "resolve_kernel_mode",
+    "triton_runs_on",
+]
