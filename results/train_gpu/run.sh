@@ -7,6 +7,9 @@ set -euo pipefail
 OUT=${OUT:-results/train_gpu}
 WORK=${WORK:-/tmp/engram_train_gpu}
 STEPS=${STEPS:-400}
+BATCH=${BATCH:-16}
+EVAL_EVERY=${EVAL_EVERY:-100}
+PNG=${PNG:-1}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT" "$WORK"
 "$PY" - >"$OUT/env.json" <<'PYEOF'
@@ -19,11 +22,11 @@ print(json.dumps({
 PYEOF
 cat "$OUT/env.json"
 for model in small-moe small-engram-moe; do
-  "$PY" scripts/train.py --model "$model" --output-dir "$WORK/$model" --seq-len 512 --batch-size 16 \
-    --max-steps "$STEPS" --lr 2e-3 --warmup-steps 40 --eval-every 100 --save-every 0 --log-every 10 \
+  "$PY" scripts/train.py --model "$model" --output-dir "$WORK/$model" --seq-len 512 --batch-size "$BATCH" \
+    --max-steps "$STEPS" --lr 2e-3 --warmup-steps 40 --eval-every "$EVAL_EVERY" --save-every 0 --log-every 10 \
     --bf16 --seed 0 --no-progress --no-plot
   cp "$WORK/$model/summary.json" "$OUT/${model}_summary.json"
   cp "$WORK/$model/metrics.jsonl" "$OUT/${model}_metrics.jsonl"
 done
 "$PY" -m engram_moe.training.compare --run "small-engram-moe=$OUT/small-engram-moe" --run "small-moe=$OUT/small-moe" \
-  --baseline small-moe --json "$OUT/comparison.json" --png "$OUT/loss_curves.png"
+  --baseline small-moe --json "$OUT/comparison.json" $([ "$PNG" = 1 ] && echo --png "$OUT/loss_curves.png")
