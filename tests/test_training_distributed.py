@@ -97,6 +97,12 @@ def _worker(rank: int, world: int, port: int, corpus: str, out: str) -> None:
         tiny_config(corpus, f"{out}/resumed", batch_size=2, max_steps=4, save_every=2, resume=True)
     )
     report["resumed_losses"] = resumed.losses
+    # The fused PyTorch path of the Engram layer ("torch" kernels) reads full tables through `reader`; shards
+    # decline, so the sharded run falls back to the All-to-All lookup and must still match one process.
+    fused = train(
+        tiny_config(corpus, f"{out}/fused", batch_size=2, max_steps=2, set={"engram_kernels": "torch"})
+    )
+    report["fused_losses"] = fused.losses
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(report, f)
 
@@ -150,6 +156,27 @@ def test_two_processes_match_one_process(two_process_run, one_process_run):
         )
     # The loss really moved (the comparison is not between two untouched models).
     assert single.losses[4] < single.losses[1] - 0.05
+
+
+def test_fused_kernel_path_matches_across_process_counts(two_process_run, tmp_path):
+    out, corpus, reports = two_process_run
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = train(
+            tiny_config(
+                corpus, tmp_path / "fused", batch_size=4, max_steps=2, set={"engram_kernels": "torch"}
+            )
+        )
+    finally:
+        torch.set_num_threads(threads)
+    layer = single.model.model.engram_layers[0]
+    assert layer.embedding.reader(layer.embedding.weight.device) is layer.embedding.weight  # fused path taken
+    for report in reports:
+        two = [report["fused_losses"][str(s)] for s in (1, 2)]
+        torch.testing.assert_close(
+            torch.tensor(two), torch.tensor([single.losses[1], single.losses[2]]), rtol=1e-5, atol=0
+        )
 
 
 def test_each_rank_holds_only_its_rows(two_process_run):

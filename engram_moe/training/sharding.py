@@ -130,6 +130,17 @@ class ShardedEmbedding(nn.Module):
         sharded.weight.requires_grad_(full.requires_grad)
         return sharded
 
+    def reader(self, device) -> torch.Tensor | None:
+        """The tensor the fused hash+gather kernels may read rows from (the `EngramTable` protocol).
+
+        Those kernels index a full table by global row; a shard must go through `forward` (the All-to-All),
+        which the reference path calls, so only a one-process "shard" (the whole table) is handed out.
+        """
+        device = torch.device(device)
+        weight = self.weight
+        same = weight.device == device or (weight.device.type == device.type and device.index is None)
+        return weight if self.world_size == 1 and same else None
+
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return nn.functional.embedding(indices, self.weight)
