@@ -470,12 +470,14 @@ def train(cfg: TrainConfig, hooks: TrainHooks | None = None) -> TrainResult:
                     accelerator.backward(loss / cfg.grad_accum)
                 loss_sum += loss.detach().float()
             mean_loss = _all_reduce(loss_sum / cfg.grad_accum) / world_size
-            loss_value = float(mean_loss)
+            # Clip first (no host sync), then read loss and norm in one transfer: a single sync per step. A
+            # non-finite value stops the run before optimizer.step, so the weights stay as they were.
+            grad_norm_t = clip_grad_norm_(unwrapped, cfg.max_grad_norm)
+            loss_value, grad_norm = torch.stack([mean_loss.float(), grad_norm_t.float()]).tolist()
             if not math.isfinite(loss_value):
                 raise NonFiniteLossError(
                     f"training loss is {loss_value} at step {step + 1}; no optimizer step was taken"
                 )
-            grad_norm = float(clip_grad_norm_(unwrapped, cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise NonFiniteLossError(
                     f"gradient norm is {grad_norm} at step {step + 1} (loss {loss_value:.4f}); no optimizer step "
