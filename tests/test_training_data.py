@@ -6,8 +6,10 @@ import pytest
 import torch
 from helpers_training import write_tiny_corpus
 
+from engram_moe import EngramMoEForCausalLM, get_preset
 from engram_moe.cli.train import config_from_args
 from engram_moe.training.data import ByteTokenizer, PackedData, load_documents, pack, prepare_data
+from engram_moe.training.pretrain import TrainConfig, build_config, build_model
 
 
 def test_byte_tokenizer_round_trip():
@@ -121,3 +123,32 @@ def test_bad_values_found_while_building_name_the_flag(tmp_path, capsys):
     assert "'hiden_size' is not an EngramMoEConfig field" in capsys.readouterr().err
     assert main(["--model", "tiny-engram-moe", "--tokenizer", "smollm2", *common]) == 2
     assert "--tokenizer 'smollm2' has 49152 ids but the model's vocab_size is 512" in capsys.readouterr().err
+
+
+def test_parquet_goes_through_datasets(tmp_path):
+    pytest.importorskip("datasets")
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["alpha doc", "beta doc", "gamma doc"]}), tmp_path / "docs.parquet")
+    assert load_documents(str(tmp_path / "docs.parquet"), text_column="body") == [
+        "alpha doc",
+        "beta doc",
+        "gamma doc",
+    ]
+
+
+def test_model_from_preset_config_file_or_saved_folder(tmp_path):
+    config = get_preset("tiny-engram-moe", hidden_size=32)
+    config.to_json_file(tmp_path / "cfg.json")
+    from_file, weights = build_config(str(tmp_path / "cfg.json"), {"router_bias_update_speed": 0.01})
+    assert weights is None and from_file.hidden_size == 32 and from_file.router_bias_update_speed == 0.01
+    assert from_file.engram_primes == config.engram_primes
+
+    torch.manual_seed(3)
+    saved = EngramMoEForCausalLM(config)
+    saved.save_pretrained(tmp_path / "saved")
+    model, tokenizer = build_model(TrainConfig(model=str(tmp_path / "saved"), seed=99))
+    assert isinstance(tokenizer, ByteTokenizer)  # vocab 512, no tokenizer files in the folder
+    for (name, a), b in zip(model.state_dict().items(), saved.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, msg=name)  # loaded, not re-initialised with seed 99
