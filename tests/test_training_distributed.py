@@ -269,3 +269,23 @@ def test_clip_grad_norm_matches_torch_on_one_process():
     assert ours > 0.5  # clipping happened
     for (name, a), b in zip(model.named_parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
+
+
+def test_two_process_checkpoint_resumes_on_one_process(two_process_run, tmp_path):
+    """Shards are stored with their row ranges: one process reassembles both and continues the same run."""
+    out, corpus, reports = two_process_run
+    resumed_dir = tmp_path / "one"
+    shutil.copytree(out / "run", resumed_dir)
+    shutil.rmtree(resumed_dir / "checkpoints" / "step-00000004")
+    (resumed_dir / "checkpoints" / "latest").write_text("step-00000002\n")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        resumed = train(
+            tiny_config(corpus, resumed_dir, batch_size=4, max_steps=4, save_every=2, resume=True)
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(reports[0]["losses"][str(step)], rel=1e-5)
