@@ -220,7 +220,7 @@ def _gate_kernel(
         root = tl.sqrt(tl.maximum(tl.abs(score), 1e-6))
         score = tl.where(score > 0, root, tl.where(score < 0, -root, 0.0))
         gate = 1.0 / (1.0 + tl.exp(-score))
-        tl.store(gate_ptr + token * HC + branch, gate)
+        tl.store(gate_ptr + token * HC + branch, gate.to(gate_ptr.dtype.element_ty))
         u = gate * value
         tl.store(u_ptr + offset + cols, u.to(u_ptr.dtype.element_ty), mask=cmask)
         if HAS_CONV:
@@ -228,6 +228,61 @@ def _gate_kernel(
             wc = tl.load(wc_ptr + branch * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
             normed = u * (1.0 / tl.sqrt(gate * gate * value_ms + eps_c)) * wc
             tl.store(normed_ptr + offset + cols, normed.to(normed_ptr.dtype.element_ty), mask=cmask)
+
+
+def _conv_residual_kernel(
+    hidden_ptr,
+    u_ptr,
+    normed_ptr,
+    mask_ptr,
+    mask_stride,
+    history_ptr,
+    history_stride_b,
+    history_stride_c,
+    history_stride_t,
+    history_len,
+    weight_ptr,
+    out_ptr,
+    seq_len,
+    channels,
+    KERNEL: tl.constexpr,
+    DILATION: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_HISTORY: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # out = hidden + u + SiLU(causal dilated depthwise conv of the (masked) normed frames), one token and channel
+    # block per program. Frames before position 0 come from the cache's history (already masked), else zeros.
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < channels
+    batch = token // seq_len
+    position = token % seq_len
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for k in tl.static_range(KERNEL):
+        source = position - (KERNEL - 1 - k) * DILATION
+        inside = source >= 0
+        x = tl.load(
+            normed_ptr + (token - position + source) * channels + cols, mask=cmask & inside, other=0.0
+        )
+        x = x.to(tl.float32)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + batch * mask_stride + source, mask=inside, other=0).to(tl.float32)
+            x = x * keep
+        if HAS_HISTORY:
+            past = history_len + source
+            h = tl.load(
+                history_ptr + batch * history_stride_b + cols * history_stride_c + past * history_stride_t,
+                mask=cmask & (source < 0) & (past >= 0),
+                other=0.0,
+            )
+            x = x + h.to(tl.float32)
+        acc += x * tl.load(weight_ptr + cols * KERNEL + k, mask=cmask, other=0.0).to(tl.float32)
+    y = acc / (1.0 + tl.exp(-acc))
+    offset = token * channels + cols
+    out = tl.load(hidden_ptr + offset, mask=cmask, other=0.0).to(tl.float32)
+    out += tl.load(u_ptr + offset, mask=cmask, other=0.0).to(tl.float32) + y
+    tl.store(out_ptr + offset, out.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -277,6 +332,11 @@ def hash_gather_rows_torch(
     return rows[:, :, 0] + offsets
 
 
+# Launch shape of the gather: ~`block_elems` table elements per program, `num_warps` warps. Enough row reads in
+# flight hide HBM (or PCIe) latency; bench/bench_engram.py sweeps these.
+GATHER_LAUNCH = {"block_elems": 8192, "num_warps": 4}
+
+
 def _launch_hash_gather(ids, multipliers, moduli, offsets, table, out_dtype, write_rows):
     ids = ids.long().contiguous()
     batch, width = ids.shape
@@ -291,7 +351,7 @@ def _launch_hash_gather(ids, multipliers, moduli, offsets, table, out_dtype, wri
         return out, rows
     block_d = _next_pow2(dim)
     # About 8K elements per program: enough independent row reads in flight to cover HBM (or PCIe) latency.
-    block_p = max(1, min(128, 8192 // block_d))
+    block_p = max(1, min(512, GATHER_LAUNCH["block_elems"] // block_d))
     _jit(_hash_gather_kernel)[(-(-num_pairs // block_p),)](
         ids,
         ids.stride(0),
@@ -310,7 +370,7 @@ def _launch_hash_gather(ids, multipliers, moduli, offsets, table, out_dtype, wri
         BLOCK_P=block_p,
         BLOCK_D=block_d,
         WRITE_ROWS=write_rows,
-        num_warps=4,
+        num_warps=GATHER_LAUNCH["num_warps"],
     )
     return out, rows
 
@@ -365,7 +425,13 @@ def hash_gather(
             "built on the GPU); keep the table on the device to train it, or freeze it (requires_grad_(False))."
         )
     if use_triton:
-        return _HashGather.apply(ids_with_history, multipliers, moduli, offsets, weight, source, out_dtype)
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return _HashGather.apply(
+                ids_with_history, multipliers, moduli, offsets, weight, source, out_dtype
+            )
+        return _launch_hash_gather(ids_with_history, multipliers, moduli, offsets, source, out_dtype, False)[
+            0
+        ]
     rows = hash_gather_rows_torch(ids_with_history, multipliers, moduli, offsets)
     return torch.nn.functional.embedding(rows, source).flatten(-2).to(out_dtype)
 
@@ -415,7 +481,7 @@ def engram_gate_triton(key, query, value, key_weight, query_weight, conv_weight,
     query = query.reshape(-1, hc, hidden).contiguous()
     value = value.reshape(-1, hidden).contiguous()
     tokens = query.shape[0]
-    gate = torch.empty(tokens, hc, dtype=torch.float32, device=query.device)
+    gate = torch.empty(tokens, hc, dtype=query.dtype, device=query.device)
     u = torch.empty_like(query)
     has_conv = conv_weight is not None
     normed = torch.empty_like(query) if has_conv else u
@@ -441,7 +507,7 @@ def engram_gate_triton(key, query, value, key_weight, query_weight, conv_weight,
             HAS_CONV=has_conv,
             num_warps=max(1, min(16, block // 256)),
         )
-    gate = gate.to(query.dtype).view(*lead, hc)
+    gate = gate.view(*lead, hc)
     u = u.view(*lead, hc, hidden)
     return gate, u, normed.view(*lead, hc, hidden) if has_conv else None
 
@@ -456,6 +522,59 @@ def engram_gate(key, query, value, key_weight, query_weight, conv_weight, eps_k,
             key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c
         )
     return engram_gate_torch(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c)
+
+
+def conv_residual_triton(layer, hidden_states, u, normed, attention_mask, cache):
+    """`hidden + u + layer._short_conv(normed, mask, cache)` in one Triton launch (inference only).
+
+    The cache's conv state is read first and then updated through the cache's own `update_conv_state` (with the
+    same masked frames the reference stores), so beam reordering, cropping and `record_past` behave the same.
+    """
+    from .modeling_engram import CONV_STATE  # noqa: PLC0415 - import cycle
+
+    batch, length = hidden_states.shape[:2]
+    channels = layer.num_branches * layer.hidden_size
+    hidden_states, u, normed = hidden_states.contiguous(), u.contiguous(), normed.contiguous()
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[:, -length:]
+        mask = mask.to(torch.int32) if mask.dtype == torch.bool else mask
+        mask = mask if mask.stride(-1) == 1 else mask.contiguous()
+    history = cache.get_conv_state(layer.layer_idx, CONV_STATE) if cache is not None else None
+    out = torch.empty_like(hidden_states)
+    weight = layer.conv.weight.reshape(channels, -1).contiguous()
+    block = min(1024, _next_pow2(channels))
+    _jit(_conv_residual_kernel)[(batch * length, -(-channels // block))](
+        hidden_states,
+        u,
+        normed,
+        mask if mask is not None else normed,
+        mask.stride(0) if mask is not None else 0,
+        history if history is not None else normed,
+        history.stride(0) if history is not None else 0,
+        history.stride(1) if history is not None else 0,
+        history.stride(2) if history is not None else 0,
+        history.shape[-1] if history is not None else 0,
+        weight,
+        out,
+        length,
+        channels,
+        KERNEL=weight.shape[1],
+        DILATION=layer.conv.dilation[0],
+        HAS_MASK=mask is not None,
+        HAS_HISTORY=history is not None,
+        BLOCK_C=block,
+        num_warps=4,
+    )
+    if cache is not None:
+        # Launched after the kernel on the same stream: the kernel reads the old state before this overwrites it.
+        frames = normed.flatten(-2).transpose(1, 2)
+        if mask is not None:
+            frames = frames * mask[:, None, :].to(frames.dtype)
+        cache.update_conv_state(
+            frames, layer.layer_idx, state_idx=CONV_STATE, conv_kernel_size=layer.conv_state_len
+        )
+    return out
 
 
 def engram_layer_forward(layer, hidden_states, memory, attention_mask, cache, use_triton):
@@ -481,12 +600,19 @@ def engram_layer_forward(layer, hidden_states, memory, attention_mask, cache, us
         eps(layer.conv_norm) if has_conv else 0.0,
         use_triton,
     )
-    output = u + layer._short_conv(normed, attention_mask, cache) if has_conv else u
-    return hidden_states + output, gate
+    if not has_conv:
+        return hidden_states + u, gate
+    needs_grad = torch.is_grad_enabled() and (
+        u.requires_grad or hidden_states.requires_grad or layer.conv.weight.requires_grad
+    )
+    if use_triton and not needs_grad:
+        return conv_residual_triton(layer, hidden_states, u, normed, attention_mask, cache), gate
+    return hidden_states + (u + layer._short_conv(normed, attention_mask, cache)), gate
 
 
 __all__ = [
     "KERNEL_MODES",
+    "conv_residual_triton",
     "engram_gate",
     "engram_gate_torch",
     "engram_gate_triton",

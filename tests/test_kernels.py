@@ -250,3 +250,41 @@ def test_triton_interp_model_kernels_matches_reference(triton_interpreter):
         generated_ref = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
         generated_fast = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
     assert torch.equal(generated_fast, generated_ref)
+
+
+def test_triton_interp_conv_residual_matches_reference_with_mask_and_cache(triton_interpreter):
+    from transformers import DynamicCache
+
+    from engram_moe.engram_kernels import conv_residual_triton
+
+    config, layer, _, _, _, _, _, _ = layer_and_inputs(hc=4, dtype=torch.float32)
+    torch.manual_seed(3)
+    hidden, u, normed = (torch.randn(2, 13, 4, config.hidden_size) for _ in range(3))
+    mask = torch.ones(2, 13, dtype=torch.long)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        expected = hidden + (u + layer._short_conv(normed, mask, None))
+        torch.testing.assert_close(conv_residual_triton(layer, hidden, u, normed, mask, None), expected)
+        # Prefill then two decode steps through a cache, in both the reference and the kernel.
+        caches = [DynamicCache(config=config), DynamicCache(config=config)]
+        for start, stop in ((0, 11), (11, 12), (12, 13)):
+            step = [t[:, start:stop] for t in (hidden, u, normed)]
+            step_mask = mask[:, :stop]
+            expected = step[0] + (step[1] + layer._short_conv(step[2], step_mask, caches[0]))
+            got = conv_residual_triton(layer, *step, step_mask, caches[1])
+            torch.testing.assert_close(got, expected)
+            torch.testing.assert_close(caches[1].get_conv_state(1, 0), caches[0].get_conv_state(1, 0))
+
+
+def test_triton_interp_generation_modes_match_reference(triton_interpreter):
+    reference = build_model("tiny-engram-moe-hc4")
+    fast = copy.deepcopy(reference)
+    fast.config.engram_kernels = "triton"
+    pattern = torch.randint(3, 512, (1, 4))
+    ids = torch.cat([pattern, pattern, pattern], dim=1)
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        for extra in ({"prompt_lookup_num_tokens": 3}, {"num_beams": 3, "num_return_sequences": 2}):
+            assert torch.equal(
+                fast.generate(ids, **kwargs, **extra), reference.generate(ids, **kwargs, **extra)
+            )
