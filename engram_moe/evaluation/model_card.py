@@ -181,9 +181,28 @@ def _suite(task: str) -> str | None:
     return "niah" if is_niah(task) else None
 
 
+def _run_settings(results: dict) -> list[dict]:
+    """How each lm-eval run behind ``results`` was made (one per run when merged)."""
+    record = results.get("engram_eval") or {}
+    runs = record.get("runs") or [{"config": results.get("config"), "engram_eval": record}]
+    out = []
+    for run in runs:
+        config, rec = run.get("config") or {}, run.get("engram_eval") or {}
+        limit = rec.get("limit", config.get("limit"))
+        shots = config.get("num_fewshot")
+        parts = [f"{shots}-shot" if shots is not None else "lm-eval's default shots"]
+        parts.append(f"at most {limit} documents per task" if limit else "all documents")
+        if rec.get("max_gen_toks"):
+            parts.append(f"generations capped at {rec['max_gen_toks']} tokens")
+        if rec.get("niah_max_seq_lengths"):
+            parts.append(f"NIAH context {', '.join(map(str, rec['niah_max_seq_lengths']))} tokens")
+        tasks = rec.get("tasks") or []
+        out.append({"tasks": ", ".join(tasks) or "all", "settings": "; ".join(parts), "limit": limit})
+    return out
+
+
 def _evaluation(results: dict) -> dict:
     rows = summary_rows(results)
-    record = results.get("engram_eval", {})
     notes = []
     for r in rows:
         chance = _CHANCE.get(_suite(r["task"]))
@@ -193,26 +212,24 @@ def _evaluation(results: dict) -> dict:
                 f"({100 * chance:.0f}%)."
             )
     if any(r["task"] == "bbh" for r in rows):
+        notes.append("bbh is lm-eval's 3-shot chain-of-thought BBH (the paper's setting).")
+    if any(r["task"] == "bbh_fewshot" for r in rows):
         notes.append(
-            "bbh is lm-eval's 3-shot chain-of-thought BBH; bbh_fewshot is the 3-shot answer-only variant."
+            "bbh_fewshot is lm-eval's 3-shot answer-only BBH, not the paper's chain-of-thought setting."
         )
     if any(is_niah(r["task"]) for r in rows):
         notes.append(
             "NIAH rows are RULER's synthetic needle tasks generated locally; the metric name is the context length."
         )
+    runs = _run_settings(results)
     return {
         "rows": rows,
         "table": format_table(rows),
-        "limit": record.get("limit") or _limit_from_config(results),
-        "max_gen_toks": record.get("max_gen_toks"),
+        "runs": runs,
+        "subset": any(run["limit"] for run in runs),
         "lm_eval_version": results.get("lm_eval_version", ""),
         "notes": notes,
     }
-
-
-def _limit_from_config(results: dict):
-    limit = results.get("config", {}).get("limit")
-    return limit if limit else None
 
 
 def _model_index(model_name: str, rows: list[dict]):
