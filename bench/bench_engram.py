@@ -440,7 +440,7 @@ def section_b(smoke):
         if name == "moe":
             return moe
         engram.config.engram_kernels = "reference" if name == "engram_hbm_reference" else "auto"
-        engram.config.engram_prefetch = name != "engram_host_noprefetch"
+        engram.config.engram_prefetch = "off" if name == "engram_host_noprefetch" else "host"
         placement = "host" if name.startswith("engram_host") else "device"
         if engram.config.engram_table_placement != placement and CUDA:
             engram.set_engram_table_placement(placement)

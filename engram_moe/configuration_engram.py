@@ -21,6 +21,7 @@ _DERIVED_KEYS = ("engram_primes", "engram_multipliers")
 _SCORING_FUNCS = ("softmax", "sigmoid")
 _TABLE_PLACEMENTS = ("device", "host")
 _ENGRAM_KERNELS = ("auto", "triton", "torch", "reference")
+_ENGRAM_PREFETCH = ("host", "all", "off")
 
 
 class EngramMoEConfig(PreTrainedConfig):
@@ -54,8 +55,8 @@ class EngramMoEConfig(PreTrainedConfig):
       ``"host"`` (pinned host memory, rows read over PCIe); one value or one per Engram layer. Can be set at load
       time (``from_pretrained(..., engram_table_placement="host")``).
     - ``engram_kernels``: ``"auto"`` (Triton kernels on CUDA, the reference on CPU), ``"triton"``, ``"torch"``
-      (fused PyTorch path) or ``"reference"`` (the plain PyTorch code). ``engram_prefetch``: gather host tables'
-      rows on a side CUDA stream as soon as the ids are known.
+      (fused PyTorch path) or ``"reference"`` (the plain PyTorch code). ``engram_prefetch``: which tables' rows
+      are gathered on a side CUDA stream as soon as the ids are known: ``"host"``, ``"all"`` or ``"off"``.
 
     Derived, read-only: ``engram_primes[layer][order][head]`` and ``engram_multipliers[layer]`` (one per look-back
     0..N-1), in the order of ``engram_layer_ids``.
@@ -136,7 +137,7 @@ class EngramMoEConfig(PreTrainedConfig):
     # Engram serving (placement and kernels; they do not change the model's function).
     engram_table_placement: str | list[str] = "device"
     engram_kernels: str = "auto"
-    engram_prefetch: bool = True
+    engram_prefetch: str = "host"
 
     layer_types: list[str] | None = None
 
@@ -295,6 +296,8 @@ class EngramMoEConfig(PreTrainedConfig):
                 f"engram_table_placement={self.engram_table_placement!r} must be one of {_TABLE_PLACEMENTS} or a list "
                 f"of them, one per Engram layer ({len(self.engram_layer_ids)})."
             )
+        if self.engram_prefetch not in _ENGRAM_PREFETCH:
+            raise ValueError(f"engram_prefetch={self.engram_prefetch!r} must be one of {_ENGRAM_PREFETCH}.")
         if self.engram_kernels not in _ENGRAM_KERNELS:
             raise ValueError(f"engram_kernels={self.engram_kernels!r} must be one of {_ENGRAM_KERNELS}.")
 

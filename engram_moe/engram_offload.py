@@ -305,7 +305,8 @@ def _gather_layer(layer, slot, ids, multipliers, moduli, out_dtype, mode, prefet
     weight = layer.embedding.weight
     use_triton = mode == "triton"
     args = (ids, multipliers[slot], moduli[slot], layer.offsets, weight, source, out_dtype, use_triton)
-    if source is weight or not prefetch or ids.device.type != "cuda":
+    side_stream = prefetch == "all" or (prefetch == "host" and source is not weight)
+    if not side_stream or ids.device.type != "cuda":
         return EngramMemory(hash_gather(*args))
     main = torch.cuda.current_stream(ids.device)
     side = _side_stream(ids.device)

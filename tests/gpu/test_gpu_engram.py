@@ -179,9 +179,11 @@ def test_host_tables_give_identical_outputs_with_and_without_prefetch():
         _, memories = prepare_engram_inputs(host_model.model, ids, None, None, torch.float32)
         assert all(isinstance(m, EngramMemory) and m.prefetched for m in memories.values())
         assert torch.equal(host_model(ids).logits, expected)
-        host_model.config.engram_prefetch = False
+        host_model.config.engram_prefetch = "off"
         assert torch.equal(host_model(ids).logits, expected)
-        host_model.config.engram_prefetch = True
+        host_model.config.engram_prefetch = "all"
+        device_model.config.engram_prefetch = "all"  # device tables gathered on the side stream too
+        assert torch.equal(device_model(ids).logits, expected)
         out_device = device_model.generate(ids, max_new_tokens=8, do_sample=False)
         out_host = host_model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(out_host, out_device)
