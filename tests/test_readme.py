@@ -27,7 +27,7 @@ QUICK_DEMO = [
 
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
-    """A working directory holding `outputs/demo/model`, written by a 2-step demo run."""
+    """A working directory holding `outputs/demo/final`, written by a 2-step demo run."""
     cwd = tmp_path_factory.mktemp("readme")
     result = subprocess.run(
         [sys.executable, "-m", "engram_moe.cli.demo", *QUICK_DEMO, "--output-dir", "outputs/demo"],
@@ -39,11 +39,11 @@ def demo_dir(tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identical logits" in result.stdout
     for name in (
-        "loss.png",
+        "loss_curve.png",
         "engram_gates.png",
-        "summary.json",
-        "model/config.json",
-        "model/modeling_engram.py",
+        "demo.json",
+        "final/config.json",
+        "final/modeling_engram.py",
     ):
         assert (cwd / "outputs" / "demo" / name).exists(), name
     return cwd
@@ -78,4 +78,4 @@ def test_run_demo_script(tmp_path):
         text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / "demo" / "model" / "model.safetensors").exists()
+    assert (tmp_path / "demo" / "final" / "model.safetensors").exists()

@@ -22,7 +22,7 @@ def parse_args(argv=None) -> DemoArgs:
     for name in ("steps", "batch_size", "seq_len", "max_new_tokens", "eval_batches"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.warmup_steps < 0 or args.lr <= 0:
+    if args.warmup_steps < 0 or not args.lr > 0:
         parser.error(f"--warmup-steps must be >= 0 and --lr > 0, got {args.warmup_steps} and {args.lr}")
     return args
 
