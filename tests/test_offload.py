@@ -85,13 +85,15 @@ def test_device_map_splits_a_user_map_around_host_tables():
     assert engram_device_map(EngramMoEForCausalLM, build_model().config, user_map) == user_map
 
 
-@pytest.mark.parametrize("placement", ["host", ["device", "host"]])
-def test_from_pretrained_with_host_tables_and_a_device_map(tmp_path, placement):
+@pytest.mark.parametrize(
+    "placement,device_map", [("host", "cpu"), (["device", "host"], "cpu"), ("host", "auto")]
+)
+def test_from_pretrained_with_host_tables_and_a_device_map(tmp_path, placement, device_map):
     model = build_model()
     model.save_pretrained(tmp_path)
     ids = torch.randint(0, 512, (2, 8))
     loaded = AutoModelForCausalLM.from_pretrained(
-        tmp_path, device_map="cpu", engram_table_placement=placement
+        tmp_path, device_map=device_map, engram_table_placement=placement
     )
     assert loaded.config.engram_table_placement == placement
     expected = [placement] * 2 if isinstance(placement, str) else placement

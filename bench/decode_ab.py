@@ -1,0 +1,124 @@
+"""Decode throughput A/B: does where the Engram tables live change the step time of code that never reads them?
+
+Same models as bench_engram.py (b). Four variants, interleaved over several rounds so that machine drift hits all
+alike: the MoE baseline while the Engram model's tables sit in HBM and while they sit in host memory, and the
+Engram model (fast path) with its tables in HBM and in host memory. Wall time and process CPU time per step are
+recorded, so a change of the host-side cost shows separately from GPU time.
+
+Run: ``python bench/decode_ab.py --out bench/results/decode_ab_h100.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_engram import CUDA, DEVICE, build_context, fmt, free_memory, model_config, sync, table_rows  # noqa: E402
+
+from engram_moe import EngramMoEForCausalLM  # noqa: E402
+
+
+def decode(model, batch, prompt, steps, vocab):
+    ids = torch.randint(3, vocab, (batch, prompt), device=DEVICE)
+    with torch.inference_mode():
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        for _ in range(3):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync()
+        return batch * steps / (time.perf_counter() - wall), (time.process_time() - cpu) / steps
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="bench/results/decode_ab.json")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=6)
+    args = parser.parse_args()
+    config, base_config = model_config(args.smoke), model_config(args.smoke, engram=False)
+    torch.manual_seed(0)
+    with build_context():
+        engram = EngramMoEForCausalLM(config).eval()
+        torch.manual_seed(0)
+        moe = EngramMoEForCausalLM(base_config).eval()
+    engram.config.engram_prefetch = "all"
+    batches, prompt, steps = ([4], 8, 4) if args.smoke else ([64, 256], 256, 24)
+    names = {
+        "device": ["moe (Engram tables in HBM)", "engram (tables in HBM)"],
+        "host": ["moe (Engram tables in host memory)", "engram (tables in host memory)"],
+    }
+    runs = {n: {b: [] for b in batches} for pair in names.values() for n in pair}
+    cpu = {n: {b: [] for b in batches} for pair in names.values() for n in pair}
+    placement = "device"
+    for round_index in range(args.rounds):
+        for _ in range(2):
+            for name in names[placement] if round_index % 2 == 0 else names[placement][::-1]:
+                model = moe if name.startswith("moe") else engram
+                for batch in batches:
+                    tok_s, cpu_s = decode(model, batch, prompt, steps, config.vocab_size)
+                    runs[name][batch].append(tok_s)
+                    cpu[name][batch].append(cpu_s)
+            placement = "host" if placement == "device" else "device"
+            if CUDA:
+                engram.set_engram_table_placement(placement)
+                free_memory()
+    # The first round warms up every shape: leave it out of the medians.
+    summary = {
+        n: {
+            b: {
+                "median_tok_s": statistics.median(v[1:] or v),
+                "best_tok_s": max(v),
+                "cpu_ms_per_step": 1e3 * statistics.median(cpu[n][b][1:] or cpu[n][b]),
+            }
+            for b, v in runs[n].items()
+        }
+        for n in runs
+    }
+    report = {
+        "device": torch.cuda.get_device_name() if CUDA else "cpu",
+        "rounds": args.rounds,
+        "steps": steps,
+        "prompt": prompt,
+        "raw_tok_s": runs,
+        "raw_cpu_s_per_step": cpu,
+        "summary": summary,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=1))
+    headers = ["variant"]
+    for b in batches:
+        headers += [f"b{b} median tok/s", "best", "CPU ms/step"]
+    rows = [
+        [n]
+        + [
+            fmt(x)
+            for b in batches
+            for x in (s[b]["median_tok_s"], s[b]["best_tok_s"], s[b]["cpu_ms_per_step"])
+        ]
+        for n, s in summary.items()
+    ]
+    text = f"device: {report['device']}\n\n" + table_rows(headers, rows)
+    text += "\n\nraw tok/s per round:\n" + "\n".join(
+        f"  {n}: " + ", ".join(f"b{b}: {[round(x) for x in v]}" for b, v in r.items())
+        for n, r in runs.items()
+    )
+    Path(args.out).with_suffix(".txt").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
