@@ -94,7 +94,7 @@ def test_training_metadata_of_an_engram_train_run(tmp_path):
         "| Tokens seen | 2,048,000 |",
         "| Final training loss | 3.219 |",
         "| Hardware | NVIDIA H100 |",
-        "| Training data | embedded |",
+        "| Training data | embedded corpus (CIA World Factbook, shipped with engram-moe) |",
     ):
         assert row in card
     assert "output_dir" not in card and "progress" not in card  # run plumbing is not card material

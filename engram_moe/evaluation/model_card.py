@@ -170,8 +170,11 @@ def read_training_metadata(path: str | os.PathLike) -> dict:
                 value = f"{value:.4g}"
             elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10_000:
                 value = f"{value:,}"
+            if label == "Training data" and value == "embedded":
+                value = "embedded corpus (CIA World Factbook, shipped with engram-moe)"
             rows[label] = value
-    return rows
+    order = list(dict.fromkeys(_TRAINING_LABELS.values()))
+    return dict(sorted(rows.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def _suite(task: str) -> str | None:
