@@ -10,7 +10,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+# The training section's snippets have their own test (tests/test_training_readme.py).
+TRAINING = re.compile(r"<!-- engram-train:begin -->.*?<!-- engram-train:end -->", flags=re.S)
+OUTSIDE_TRAINING = TRAINING.sub("", README)
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", OUTSIDE_TRAINING, flags=re.S)
+BASH_LINES = [
+    line.split("#")[0].strip()
+    for block in re.findall(r"```bash\n(.*?)```", OUTSIDE_TRAINING, flags=re.S)
+    for line in block.splitlines()
+    if line.strip()
+]
 QUICK_DEMO = [
     "--steps",
     "2",
@@ -50,8 +59,23 @@ def demo_dir(tmp_path_factory):
 
 
 def test_readme_has_the_snippets_we_test():
-    assert len(PYTHON_BLOCKS) >= 2
-    assert "bash scripts/run_demo.sh" in README and "bash scripts/run_tests.sh" in README
+    assert len(PYTHON_BLOCKS) >= 3
+    assert BASH_LINES[:2] == ["bash scripts/run_demo.sh", "bash scripts/run_tests.sh"]
+
+
+def test_benchmark_commands():
+    # CI has no GPU: the smoke run executes every benchmark section at tiny sizes; the other scripts must parse.
+    for line in BASH_LINES[2:]:
+        words = line.split()
+        if words[:3] == ["python", "-m", "pytest"]:
+            assert Path(ROOT, words[-1]).is_dir(), line
+            continue
+        assert words[0] == "python" and Path(ROOT, words[1]).is_file(), line
+        args = words[2:] if "--smoke" in words else ["--help"]
+        if "--out" in args:
+            args[args.index("--out") + 1] = os.devnull
+        result = subprocess.run([sys.executable, str(ROOT / words[1]), *args], capture_output=True, text=True)
+        assert result.returncode == 0, (line, result.stderr[-2000:])
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
