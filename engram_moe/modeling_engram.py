@@ -29,6 +29,11 @@ How this file differs from the paper and from the reference demo (``engram_demo_
 - Token ids the tokenizer does not have (the model vocabulary is often padded) map to the compressed pad id;
   the demo raises for them.
 - Attention is standard GQA with RoPE through ``ALL_ATTENTION_FUNCTIONS`` (the paper uses MLA).
+- On CUDA the Engram layer runs fused kernels (``engram_kernels.py``: hash+gather, gate, conv+residual; Triton
+  with PyTorch twins), selected by ``config.engram_kernels``; the plain PyTorch code in this file is the
+  reference they are tested against. Tables can live in pinned host memory (``engram_table_placement``,
+  ``engram_offload.py``), their rows gathered on a side stream as soon as the ids are known. The demo has
+  neither; the paper describes host-memory tables with prefetch.
 """
 
 from __future__ import annotations
