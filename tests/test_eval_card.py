@@ -57,7 +57,9 @@ def test_card_holds_the_numbers_of_the_results_file(card):
     for r in rows:
         assert f"| {r['task']} | {_metric_label(r)} | {r['n']} | {100 * r['value']:.2f} |" in card
     assert "Some tasks ran on a subset" in card
-    settings = "lm-eval's default shots; at most 1 documents per task; generations capped at 4 tokens; NIAH context 512"
+    settings = (
+        "shots differ per task (see n-shot); at most 1 documents per task; generations capped at 4 tokens"
+    )
     assert f"- mmlu, bbh, humaneval, niah_single_1, niah_multikey_2, niah_multikey_3: {settings}" in card
     parsed = ModelCard(card)
     assert parsed.data.license == "apache-2.0" and "custom_code" in parsed.data.tags
@@ -164,8 +166,8 @@ def test_merged_results_keep_every_task_and_each_runs_settings():
     assert summary_rows(merged) == summary_rows(full)
     assert [r["engram_eval"]["limit"] for r in merged["engram_eval"]["runs"]] == [1, None]
     card = render_model_card(tiny_model_dir(), merged)
-    assert "- mmlu, bbh, humaneval: lm-eval's default shots; at most 1 documents per task" in card
-    assert "- niah_single_1, niah_multikey_2, niah_multikey_3: lm-eval's default shots; all documents" in card
+    assert "- mmlu, bbh, humaneval: shots differ per task (see n-shot); at most 1 documents per task" in card
+    assert "- niah_single_1, niah_multikey_2, niah_multikey_3: 0-shot; all documents" in card
     with pytest.raises(ValueError, match="more than one results file"):
         merge_results([a, a])
 

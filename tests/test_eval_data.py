@@ -99,8 +99,10 @@ def test_task_configs_cover_lm_evals_tasks(task_dir):
         and len([t for t in written["mmlu"] if t.startswith("mmlu_")]) >= 57
     )
     bbh_variants = {"bbh_cot_fewshot_", "bbh_fewshot_", "bbh_zeroshot_", "bbh_cot_zeroshot_"}
+    strip = [t for t in written["bbh"] if t.startswith("bbh_fewshot_strip_")]
+    assert len(strip) == 27
     for prefix in bbh_variants:
-        assert sum(t.startswith(prefix) for t in written["bbh"]) == 27, prefix
+        assert sum(t.startswith(prefix) for t in written["bbh"] if t not in strip) == 27, prefix
     assert written["humaneval"][0] == "humaneval"
     config = read_task_yaml(out / "mmlu" / "default" / "mmlu_anatomy.yaml")
     builtin = read_task_yaml(lm_eval_tasks_dir() / "mmlu" / "default" / "mmlu_anatomy.yaml")
@@ -150,3 +152,24 @@ def test_lm_eval_scores_humaneval_with_the_local_executor(task_dir):
     bad = build.filters[0]().apply([["    return 0\n"]], [doc])[0]
     assert task.process_results(doc, [good]) == {"pass@1": 1.0}
     assert task.process_results(doc, [bad]) == {"pass@1": 0.0}
+
+
+def test_stripped_answer_only_bbh_scores_what_lm_evals_misses(task_dir):
+    """lm-eval's bbh_fewshot scores the generation " False" against "False" as wrong; our variant strips it."""
+    from lm_eval.tasks import TaskManager
+
+    out, _ = task_dir
+    loaded = TaskManager(include_path=str(out), include_defaults=False).load(
+        ["bbh_fewshot_boolean_expressions", "bbh_fewshot_strip"]
+    )
+    theirs = loaded["tasks"]["bbh_fewshot_boolean_expressions"]
+    ours = loaded["tasks"]["bbh_fewshot_strip_boolean_expressions"]
+    assert {f"bbh_fewshot_strip_{t}" for t in ("navigate", "word_sorting", "snarks")} <= set(loaded["tasks"])
+    doc = list(ours.test_docs())[0]
+    assert doc == {"input": "not ( True ) and ( True ) is", "target": "False"}
+    assert ours.doc_to_text(doc) == theirs.doc_to_text(doc)  # the same prompt: only the scoring differs
+    strip = ours._filters[0]
+    for generation, expected in ((" False", 1.0), ("False\n", 1.0), (" True", 0.0), (" False.", 0.0)):
+        filtered = list(strip.filters[1]().apply(strip.filters[0]().apply([[generation]], [doc]), [doc]))[0]
+        assert ours.process_results(doc, [filtered]) == {"exact_match": expected}, generation
+    assert theirs.process_results(doc, [" False"]) == {"exact_match": 0.0}

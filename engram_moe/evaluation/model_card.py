@@ -184,6 +184,19 @@ def _suite(task: str) -> str | None:
     return "niah" if is_niah(task) else None
 
 
+def _shots(results: dict, tasks: list[str]) -> int | None:
+    """The few-shot count of ``tasks`` (groups through their subtasks), if they share one."""
+    n_shot, subtasks = results.get("n-shot", {}), results.get("group_subtasks", {})
+    found, todo = set(), list(tasks)
+    while todo:
+        name = todo.pop()
+        if name in subtasks:
+            todo += subtasks[name]
+        elif name in n_shot:
+            found.add(n_shot[name])
+    return found.pop() if len(found) == 1 else None
+
+
 def _run_settings(results: dict) -> list[dict]:
     """How each lm-eval run behind ``results`` was made (one per run when merged)."""
     record = results.get("engram_eval") or {}
@@ -192,8 +205,8 @@ def _run_settings(results: dict) -> list[dict]:
     for run in runs:
         config, rec = run.get("config") or {}, run.get("engram_eval") or {}
         limit = rec.get("limit", config.get("limit"))
-        shots = config.get("num_fewshot")
-        parts = [f"{shots}-shot" if shots is not None else "lm-eval's default shots"]
+        shots = _shots(results, rec.get("tasks") or [])
+        parts = [f"{shots}-shot" if shots is not None else "shots differ per task (see n-shot)"]
         parts.append(f"at most {limit} documents per task" if limit else "all documents")
         if rec.get("max_gen_toks"):
             parts.append(f"generations capped at {rec['max_gen_toks']} tokens")
@@ -209,16 +222,29 @@ def _evaluation(results: dict) -> dict:
     notes = []
     for r in rows:
         chance = _CHANCE.get(_suite(r["task"]))
-        if chance is not None and r["stderr"] is not None and abs(r["value"] - chance) <= 2 * r["stderr"]:
-            notes.append(
-                f"{r['task']} {r['metric']}: {100 * r['value']:.2f}% is within two standard errors of chance "
-                f"({100 * chance:.0f}%)."
-            )
+        if chance is None or r["stderr"] is None:
+            continue
+        if abs(r["value"] - chance) <= 2 * r["stderr"]:
+            where = "within two standard errors of"
+        elif r["value"] < chance:
+            where = "more than two standard errors below"  # e.g. a model that prefers one answer letter
+        else:
+            continue
+        notes.append(
+            f"{r['task']} {r['metric']}: {100 * r['value']:.2f}% is {where} chance ({100 * chance:.0f}%)."
+        )
     if any(r["task"] == "bbh" for r in rows):
         notes.append("bbh is lm-eval's 3-shot chain-of-thought BBH (the paper's setting).")
     if any(r["task"] == "bbh_fewshot" for r in rows):
         notes.append(
-            "bbh_fewshot is lm-eval's 3-shot answer-only BBH, not the paper's chain-of-thought setting."
+            "bbh_fewshot is lm-eval's 3-shot answer-only BBH, not the paper's chain-of-thought setting. Its exact "
+            'match compares the raw generation with the target, so an answer that starts with a space (" False") '
+            "counts as wrong; nearly every model scores 0 there. bbh_fewshot_strip strips the answer first."
+        )
+    if any(r["task"] == "bbh_fewshot_strip" for r in rows):
+        notes.append(
+            "bbh_fewshot_strip is engram-moe's variant of lm-eval's 3-shot answer-only BBH: the same prompts, "
+            "exact match after stripping whitespace around the answer. Not the paper's chain-of-thought setting."
         )
     if any(is_niah(r["task"]) for r in rows):
         notes.append(

@@ -30,6 +30,10 @@ from .local_data import MMLU_SPLITS, SUITES, check_data, parse_suites
 MMLU_DATASET_PATHS = ("cais/mmlu", "hails/mmlu_no_train")
 BBH_DATASET_PATHS = ("SaylorTwift/bbh", "lukaemon/bbh")
 HUMANEVAL_DATASET_PATH = "openai/openai_humaneval"
+# lm-eval's answer-only BBH scores the raw generation, leading space included, against the target; we add a
+# variant (our own, named apart) that strips the answer first. See tasks/bbh_strip.yaml.tmpl.
+_BBH_ANSWER_ONLY = "bbh_fewshot_"
+_BBH_STRIP = "bbh_fewshot_strip_"
 HUMANEVAL_TASKS = ("humaneval", "humaneval_64", "humaneval_instruct", "humaneval_64_instruct")
 _SHIM = "engram_humaneval.py"
 
@@ -153,7 +157,7 @@ def _mmlu_configs(data: Path, out: Path, tasks_dir: Path) -> list[str]:
 
 
 def _bbh_configs(data: Path, out: Path, tasks_dir: Path) -> list[str]:
-    written = []
+    written, strip = [], []
     for path, cfg in _builtin_tasks(tasks_dir / "bbh", BBH_DATASET_PATHS):
         test = data / "bbh" / f"{cfg.get('dataset_name')}.json"
         if not test.is_file():
@@ -163,6 +167,23 @@ def _bbh_configs(data: Path, out: Path, tasks_dir: Path) -> list[str]:
         )
         _write(out / "bbh" / path.parent.name / f"{cfg['task']}.yaml", text)
         written.append(cfg["task"])
+        if cfg["task"].startswith(_BBH_ANSWER_ONLY):
+            name = _BBH_STRIP + cfg["task"][len(_BBH_ANSWER_ONLY) :]
+            text = _template("bbh_strip.yaml.tmpl").format(
+                lm_eval_version=lm_eval_version(),
+                base_task=cfg["task"],
+                include=_q(path),
+                task=_q(name),
+                test=_q(test),
+            )
+            _write(out / "bbh" / "fewshot_strip" / f"{name}.yaml", text)
+            strip.append(name)
+    if strip:
+        text = _template("bbh_strip_group.yaml.tmpl").format(
+            lm_eval_version=lm_eval_version(), tasks="\n".join(f"  - {t}" for t in strip)
+        )
+        _write(out / "bbh" / "fewshot_strip" / "_bbh_fewshot_strip.yaml", text)
+        written += strip
     if not written:
         raise RuntimeError(f"found no BBH tasks in {tasks_dir / 'bbh'} (lm-eval {lm_eval_version()})")
     return written
