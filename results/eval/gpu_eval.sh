@@ -11,8 +11,10 @@
 #
 # Suites and settings (the same for both models; engram-evaluate = lm-eval 0.4.13 on local data):
 #   mmlu         5-shot (the paper's setting), all 14,042 questions, log-likelihood of A/B/C/D
-#   bbh_fewshot  3-shot answer-only BBH (not the paper's chain of thought: CoT generations do not fit the
-#                device time), all 6,511 items, generations capped at MAX_BBH_TOKS tokens
+#   BBH          3-shot answer-only (not the paper's chain of thought: CoT generations do not fit the device
+#                time), all 6,511 items, generations capped at MAX_BBH_TOKS tokens; BBH_TASK picks the
+#                variant: bbh_fewshot_strip (default; ours, the answer stripped before exact match) or
+#                lm-eval's own bbh_fewshot (the recorded run used it: it scores " False" != "False", so 0)
 #   humaneval    0-shot greedy pass@1, all 164 problems, generations capped at MAX_HE_TOKS tokens
 #   niah         RULER niah_single_1, niah_multikey_2, niah_multikey_3 at 4,096 tokens, NIAH_LIMIT per task
 # Carried (ignored) inputs: .evalcarry/site312.tar.xz (lm-eval 0.4.13 with only the mmlu, bbh, humaneval
@@ -33,8 +35,9 @@ NIAH_LIMIT=${NIAH_LIMIT:-100}
 MAX_BBH_TOKS=${MAX_BBH_TOKS:-32}
 MAX_HE_TOKS=${MAX_HE_TOKS:-512}
 MMLU_SHOTS=${MMLU_SHOTS:-5}
+BBH_TASK=${BBH_TASK:-bbh_fewshot_strip}
 NIAH_LEN=${NIAH_LEN:-4096}
-BS=${BS:-}  # one batch size for every suite (dry runs); default: 32 MMLU, 64 BBH and HumanEval, 32 NIAH
+BS=${BS:-}  # one batch size for every suite (dry runs); default: 8 MMLU, 64 BBH and HumanEval, 32 NIAH
 # Time plan (seconds): `ours` must end OURS_BUDGET after setup; `finish` packs by FINISH_BUDGET. A suite still
 # running then is stopped (its results are missing, and the log says so) so the call always returns its files.
 OURS_BUDGET=${OURS_BUDGET:-600}
@@ -43,6 +46,9 @@ CARRY=${CARRY:-$REPO/.evalcarry}
 CARRY2=${CARRY2:-$REPO/.evalcarry2}
 
 export PYTHONPATH="$W/site:$REPO" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# Eight evaluations share one GPU: the recorded run's baseline MMLU (batch 32, 5-shot prompts up to ~3k
+# tokens, fp32 attention) ran out of memory beside the others; batch 8 and expandable segments since.
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_DATASETS_CACHE="$W/hf-datasets" HF_MODULES_CACHE="$W/hf-modules"
 # RULER's module imports NLTK and asks for `punkt_tab`, which only its essay haystacks use; there is no
 # network here, so an empty entry stops the download attempt.
@@ -56,9 +62,9 @@ evaluate_model() {  # NAME MODEL_DIR SECONDS: the four suites in parallel (each 
   echo "$name: suites get $secs s"
   local common=(run "$model" --data-dir "$W/eval-data" --device "$DEVICE" --dtype auto --bootstrap-iters 1000)
   local ev=(timeout -k 5 "$secs" "$PY" -m engram_moe.cli.evaluate)
-  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks mmlu --num-fewshot "$MMLU_SHOTS" --batch-size "${BS:-32}" \
+  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks mmlu --num-fewshot "$MMLU_SHOTS" --batch-size "${BS:-8}" \
     --max-length 4096 --output-dir "$dir/mmlu" >"$dir/mmlu.log" 2>&1 &
-  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks bbh_fewshot --batch-size "${BS:-64}" \
+  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks "$BBH_TASK" --batch-size "${BS:-64}" \
     --max-gen-toks "$MAX_BBH_TOKS" --max-length 4096 --output-dir "$dir/bbh" >"$dir/bbh.log" 2>&1 &
   "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks humaneval --batch-size "${BS:-64}" \
     --max-gen-toks "$MAX_HE_TOKS" --max-length 4096 --confirm-run-unsafe-code --output-dir "$dir/humaneval" \
