@@ -58,25 +58,3 @@ def load_default_tokenizer(name: str = DEFAULT_TOKENIZER):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(unpack_tokenizer(name))
-
-
-def pack_documents(documents: list[str], tokenizer, seq_len: int, eos_token_id: int | None = None):
-    """Tokenise `documents`, join them with EOS and cut the stream into `[n, seq_len]` int64 blocks.
-
-    Packing wastes no compute on padding; the tail that does not fill a block is dropped.
-    """
-    import torch
-
-    if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} must be >= 2.")
-    eos = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
-    if eos is None:
-        raise ValueError("The tokenizer has no eos_token_id; pass eos_token_id explicitly.")
-    stream: list[int] = []
-    for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]:
-        stream.extend(ids)
-        stream.append(eos)
-    blocks = len(stream) // seq_len
-    if blocks == 0:
-        raise ValueError(f"{len(stream)} tokens do not fill one block of seq_len={seq_len}.")
-    return torch.tensor(stream[: blocks * seq_len], dtype=torch.long).view(blocks, seq_len)
