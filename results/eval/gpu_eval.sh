@@ -37,6 +37,7 @@ MAX_HE_TOKS=${MAX_HE_TOKS:-512}
 MMLU_SHOTS=${MMLU_SHOTS:-5}
 BBH_TASK=${BBH_TASK:-bbh_fewshot_strip}
 NIAH_LEN=${NIAH_LEN:-4096}
+SUITES=${SUITES:-mmlu bbh humaneval niah}  # which suites to run (e.g. SUITES=mmlu to re-run one alone)
 BS=${BS:-}  # one batch size for every suite (dry runs); default: 8 MMLU, 64 BBH and HumanEval, 32 NIAH
 # Time plan (seconds): `ours` must end OURS_BUDGET after setup; `finish` packs by FINISH_BUDGET. A suite still
 # running then is stopped (its results are missing, and the log says so) so the call always returns its files.
@@ -62,19 +63,27 @@ evaluate_model() {  # NAME MODEL_DIR SECONDS: the four suites in parallel (each 
   echo "$name: suites get $secs s"
   local common=(run "$model" --data-dir "$W/eval-data" --device "$DEVICE" --dtype auto --bootstrap-iters 1000)
   local ev=(timeout -k 5 "$secs" "$PY" -m engram_moe.cli.evaluate)
-  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks mmlu --num-fewshot "$MMLU_SHOTS" --batch-size "${BS:-8}" \
-    --max-length 4096 --output-dir "$dir/mmlu" >"$dir/mmlu.log" 2>&1 &
-  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks "$BBH_TASK" --batch-size "${BS:-64}" \
-    --max-gen-toks "$MAX_BBH_TOKS" --max-length 4096 --output-dir "$dir/bbh" >"$dir/bbh.log" 2>&1 &
-  "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks humaneval --batch-size "${BS:-64}" \
-    --max-gen-toks "$MAX_HE_TOKS" --max-length 4096 --confirm-run-unsafe-code --output-dir "$dir/humaneval" \
-    >"$dir/humaneval.log" 2>&1 &
-  "${ev[@]}" "${common[@]}" --limit "${LIMIT:-$NIAH_LIMIT}" --tasks niah --batch-size "${BS:-32}" \
-    --max-seq-lengths "$NIAH_LEN" --max-length 4096 --output-dir "$dir/niah" >"$dir/niah.log" 2>&1 &
+  if [[ " $SUITES " == *" mmlu "* ]]; then
+    "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks mmlu --num-fewshot "$MMLU_SHOTS" --batch-size "${BS:-8}" \
+      --max-length 4096 --output-dir "$dir/mmlu" >"$dir/mmlu.log" 2>&1 &
+  fi
+  if [[ " $SUITES " == *" bbh "* ]]; then
+    "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks "$BBH_TASK" --batch-size "${BS:-64}" \
+      --max-gen-toks "$MAX_BBH_TOKS" --max-length 4096 --output-dir "$dir/bbh" >"$dir/bbh.log" 2>&1 &
+  fi
+  if [[ " $SUITES " == *" humaneval "* ]]; then
+    "${ev[@]}" "${common[@]}" "${lim[@]}" --tasks humaneval --batch-size "${BS:-64}" \
+      --max-gen-toks "$MAX_HE_TOKS" --max-length 4096 --confirm-run-unsafe-code --output-dir "$dir/humaneval" \
+      >"$dir/humaneval.log" 2>&1 &
+  fi
+  if [[ " $SUITES " == *" niah "* ]]; then
+    "${ev[@]}" "${common[@]}" --limit "${LIMIT:-$NIAH_LIMIT}" --tasks niah --batch-size "${BS:-32}" \
+      --max-seq-lengths "$NIAH_LEN" --max-length 4096 --output-dir "$dir/niah" >"$dir/niah.log" 2>&1 &
+  fi
   local failed=0
   for job in $(jobs -p); do wait "$job" || failed=1; done
   local parts=()
-  for suite in mmlu bbh humaneval niah; do
+  for suite in $SUITES; do
     [ -f "$dir/$suite/results.json" ] && parts+=("$dir/$suite/results.json") || echo "$name: $suite has no results"
   done
   "$PY" -m engram_moe.cli.evaluate merge "$dir/all" "${parts[@]}" >"$dir/merge.log" 2>&1 || failed=1
