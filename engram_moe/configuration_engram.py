@@ -15,7 +15,7 @@ from __future__ import annotations
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from .engram_constants import engram_layer_multipliers, engram_primes
+from .engram_constants import engram_layer_multipliers, engram_primes, engram_table_offsets
 
 _DERIVED_KEYS = ("engram_primes", "engram_multipliers")
 _SCORING_FUNCS = ("softmax", "sigmoid")
@@ -335,7 +335,12 @@ class EngramMoEConfig(PreTrainedConfig):
     @property
     def engram_table_rows(self) -> list[int]:
         """Rows of each Engram layer's table (sum of its primes)."""
-        return [sum(sum(order) for order in layer) for layer in self.__dict__["_engram_primes"]]
+        return [engram_table_offsets(layer)[1] for layer in self.__dict__["_engram_primes"]]
+
+    @property
+    def engram_head_offsets(self) -> list[list[int]]:
+        """Start row of every (order, head) block in each Engram layer's table (exclusive prefix sums)."""
+        return [engram_table_offsets(layer)[0] for layer in self.__dict__["_engram_primes"]]
 
     @property
     def engram_table_parameters(self) -> int:

@@ -61,10 +61,7 @@ def convert_reference_state_dict(
     branches: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if key == "multi_head_embedding.offsets":
-            primes = [
-                p for order in config.engram_primes[config.engram_layer_ids.index(layer_idx)] for p in order
-            ]
-            expected = [sum(primes[:i]) for i in range(len(primes))]
+            expected = config.engram_head_offsets[config.engram_layer_ids.index(layer_idx)]
             if value.tolist() != expected:
                 raise ValueError(
                     f"multi_head_embedding.offsets={value.tolist()} but the config gives {expected}."

@@ -244,16 +244,18 @@ class EngramLayer(nn.Module):
         self.engram_index = config.engram_layer_ids.index(layer_idx)
         self.num_branches = config.hc_mult
         self.hidden_size = config.hidden_size
-        primes = [p for order in config.engram_primes[self.engram_index] for p in order]
-        offsets = [sum(primes[:i]) for i in range(len(primes))]
         memory_dim = config.engram_memory_dim
         hc_hidden = self.num_branches * self.hidden_size
 
         # The serving settings (engram_kernels, engram_prefetch) are read from the config at call time.
         self.config = config
         host = layer_placement(config, self.engram_index) == "host"
-        self.embedding = EngramTable(sum(primes), config.engram_head_dim, host_resident=host)
-        self.offsets = nn.Buffer(torch.tensor(offsets, dtype=torch.long), persistent=False)
+        self.embedding = EngramTable(
+            config.engram_table_rows[self.engram_index], config.engram_head_dim, host_resident=host
+        )
+        self.offsets = nn.Buffer(
+            torch.tensor(config.engram_head_offsets[self.engram_index], dtype=torch.long), persistent=False
+        )
         self.key_proj = nn.Linear(memory_dim, hc_hidden, bias=config.engram_use_bias)
         self.value_proj = nn.Linear(memory_dim, self.hidden_size, bias=config.engram_use_bias)
         self.key_norm = EngramBranchRMSNorm(self.num_branches, self.hidden_size, config.engram_gate_norm_eps)
@@ -799,8 +801,7 @@ class EngramMoEPreTrainedModel(PreTrainedModel):
         if isinstance(module, EngramLayer):
             table_std = config.engram_init_std if config.engram_init_std is not None else std
             init.normal_(module.embedding.weight, mean=0.0, std=table_std)
-            primes = [p for order in config.engram_primes[module.engram_index] for p in order]
-            init.copy_(module.offsets, torch.tensor([sum(primes[:i]) for i in range(len(primes))]))
+            init.copy_(module.offsets, torch.tensor(config.engram_head_offsets[module.engram_index]))
             if module.conv is not None:
                 if config.engram_conv_zero_init:
                     # The paper: start from the identity, so a fresh Engram only adds the gated value.
@@ -928,7 +929,8 @@ class EngramMoEModel(EngramMoEPreTrainedModel):
                 extended = cache.update_conv_state(
                     new_ids, layer_id, state_idx=NGRAM_HISTORY_STATE, conv_kernel_size=context
                 )
-                compressed = extended if layer_id == first else compressed
+                if layer_id == first:
+                    compressed = extended
         return compressed
 
     def _check_input_ids(self, input_ids: torch.LongTensor) -> None:
