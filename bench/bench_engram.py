@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from numpy_reference_hash import NumpyNgramHasher  # noqa: E402
 
-from engram_moe import EngramLayer, EngramMoEConfig, EngramMoEForCausalLM, engram_param_groups  # noqa: E402
+from engram_moe import PRESETS, EngramLayer, EngramMoEConfig, EngramMoEForCausalLM, engram_param_groups  # noqa: E402
 from engram_moe.engram_kernels import engram_hash, hash_gather, resolve_kernel_mode  # noqa: E402
 from engram_moe.engram_offload import cuda_view_of_host, pinned_host_copy  # noqa: E402
 from engram_moe.modeling_engram import engram_hash_constants, hash_ngrams  # noqa: E402
@@ -126,21 +126,7 @@ def model_config(smoke, engram=True, layers=12, hc=1, vocab_target=2_262_400, **
     """The benchmark model: hidden 2048, GQA 16/4, 16 routed experts top-2 + 1 shared, Engram at layers 1 and 6
     (0-based) with the paper's Engram shape (orders 2-3, 8 heads, d_mem 1280, head dim 80, ~2.26M rows per head)."""
     if smoke:
-        base = dict(
-            vocab_size=512,
-            hidden_size=64,
-            intermediate_size=128,
-            moe_intermediate_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            n_routed_experts=4,
-            num_experts_per_tok=2,
-            engram_layer_ids=[1, 2],
-            engram_num_heads=2,
-            engram_embed_dim_per_ngram=16,
-            engram_vocab_size=[211, 223],
-        )
+        base = dict(PRESETS["tiny-engram-moe"])  # the test suite's tiny model: checks the script, not speed
     else:
         base = dict(
             vocab_size=32768,
