@@ -14,10 +14,12 @@ import pytest
 from helpers_eval import BLOCK_ENGRAM_MOE, isolated_env, tiny_model, tiny_model_dir
 from helpers_fixtures import fixture_path
 from huggingface_hub import ModelCard
+from huggingface_hub.repocard_data import eval_results_to_model_index
 
 from engram_moe.cli.evaluate import main as engram_evaluate
 from engram_moe.evaluation import count_parameters, load_results, render_model_card, summary_rows
 from engram_moe.evaluation.harness import _metric_label, merge_results
+from engram_moe.evaluation.model_card import _evaluation, _model_index
 
 RESULTS = fixture_path("eval", "results_tiny.json")
 
@@ -67,6 +69,27 @@ def test_card_holds_the_numbers_of_the_results_file(card):
     mmlu = next(r for r in rows if r["task"] == "mmlu")
     assert by_dataset[("MMLU", "acc")] == round(100 * mmlu["value"], 2)
     assert ("RULER niah_multikey_3 (512 tokens, synthetic)", "string_match_all") in by_dataset
+
+
+def test_each_bbh_variant_is_its_own_hub_entry():
+    """Answer-only and chain-of-thought BBH read one dataset; the Hub must not fold them into one entry."""
+    results = load_results(RESULTS)
+    bbh = next(r for r in summary_rows(results) if r["task"] == "bbh")
+    rows = [
+        {**bbh, "task": t, "value": v} for t, v in (("bbh_fewshot_strip", 0.25), ("bbh_cot_fewshot", 0.125))
+    ]
+    index = eval_results_to_model_index("m", _model_index("m", rows))
+    values = {e["dataset"]["name"]: [m["value"] for m in e["metrics"]] for e in index[0]["results"]}
+    assert values == {
+        "BIG-Bench Hard (bbh_fewshot_strip)": [25.0],
+        "BIG-Bench Hard (bbh_cot_fewshot)": [12.5],
+    }
+    results["results"]["bbh_cot_fewshot"] = results["results"].pop("bbh")
+    results["group_subtasks"]["bbh_cot_fewshot"] = results["group_subtasks"].pop("bbh")
+    assert any(
+        n.startswith("bbh_cot_fewshot is lm-eval's 3-shot chain-of-thought")
+        for n in _evaluation(results)["notes"]
+    )
 
 
 def test_card_describes_the_architecture(card):
@@ -170,6 +193,21 @@ def test_merged_results_keep_every_task_and_each_runs_settings():
     assert "- niah_single_1, niah_multikey_2, niah_multikey_3: 0-shot; all documents" in card
     with pytest.raises(ValueError, match="more than one results file"):
         merge_results([a, a])
+
+
+def test_a_limit_that_covers_every_document_is_no_subset():
+    """RULER generates 500 NIAH samples per task: --limit 500 scores them all, and the card must say so."""
+    results = load_results(RESULTS)
+    niah = ["niah_single_1", "niah_multikey_2", "niah_multikey_3"]
+    results["engram_eval"] = {**results["engram_eval"], "tasks": niah, "limit": 500}
+    for task in niah:
+        results["n-samples"][task] = {"original": 500, "effective": 500}
+    evaluation = _evaluation(results)
+    assert evaluation["runs"][0]["settings"].startswith("0-shot; all documents;")
+    assert not evaluation["subset"]
+    results["n-samples"]["niah_multikey_3"]["effective"] = 499
+    evaluation = _evaluation(results)
+    assert "at most 500 documents per task" in evaluation["runs"][0]["settings"] and evaluation["subset"]
 
 
 def test_model_cards_folder_links_the_package_template():

@@ -197,6 +197,32 @@ def _shots(results: dict, tasks: list[str]) -> int | None:
     return found.pop() if len(found) == 1 else None
 
 
+def _leaf_tasks(results: dict, tasks: list[str]) -> list[str]:
+    subtasks, leaves, todo = results.get("group_subtasks", {}), [], list(tasks)
+    while todo:
+        name = todo.pop()
+        if subtasks.get(name):
+            todo += subtasks[name]
+        else:
+            leaves.append(name)
+    return leaves
+
+
+def _ran_on_subset(results: dict, tasks: list[str], limit) -> bool:
+    """Whether a run with ``limit`` scored fewer documents than its tasks have.
+
+    lm-eval's ``n-samples`` says how many documents each task has and how many were scored; a limit at or
+    above every task's size (RULER's 500 generated NIAH samples, say) is no subset.
+    """
+    if not limit:
+        return False
+    counts = results.get("n-samples", {})
+    leaves = _leaf_tasks(results, tasks)
+    if not leaves or any(t not in counts for t in leaves):
+        return True  # cannot tell: say so
+    return any(counts[t].get("effective", 0) < counts[t].get("original", 0) for t in leaves)
+
+
 def _run_settings(results: dict) -> list[dict]:
     """How each lm-eval run behind ``results`` was made (one per run when merged)."""
     record = results.get("engram_eval") or {}
@@ -205,15 +231,16 @@ def _run_settings(results: dict) -> list[dict]:
     for run in runs:
         config, rec = run.get("config") or {}, run.get("engram_eval") or {}
         limit = rec.get("limit", config.get("limit"))
+        subset = _ran_on_subset(results, rec.get("tasks") or [], limit)
         shots = _shots(results, rec.get("tasks") or [])
         parts = [f"{shots}-shot" if shots is not None else "shots differ per task (see n-shot)"]
-        parts.append(f"at most {limit} documents per task" if limit else "all documents")
+        parts.append(f"at most {limit} documents per task" if subset else "all documents")
         if rec.get("max_gen_toks"):
             parts.append(f"generations capped at {rec['max_gen_toks']} tokens")
         if rec.get("niah_max_seq_lengths"):
             parts.append(f"NIAH context {', '.join(map(str, rec['niah_max_seq_lengths']))} tokens")
         tasks = rec.get("tasks") or []
-        out.append({"tasks": ", ".join(tasks) or "all", "settings": "; ".join(parts), "limit": limit})
+        out.append({"tasks": ", ".join(tasks) or "all", "settings": "; ".join(parts), "subset": subset})
     return out
 
 
@@ -233,8 +260,12 @@ def _evaluation(results: dict) -> dict:
         notes.append(
             f"{r['task']} {r['metric']}: {100 * r['value']:.2f}% is {where} chance ({100 * chance:.0f}%)."
         )
-    if any(r["task"] == "bbh" for r in rows):
-        notes.append("bbh is lm-eval's 3-shot chain-of-thought BBH (the paper's setting).")
+    for cot in ("bbh", "bbh_cot_fewshot"):
+        if any(r["task"] == cot for r in rows):
+            notes.append(
+                f"{cot} is lm-eval's 3-shot chain-of-thought BBH (the paper's setting), scored on the text after "
+                '"the answer is".'
+            )
     if any(r["task"] == "bbh_fewshot" for r in rows):
         notes.append(
             "bbh_fewshot is lm-eval's 3-shot answer-only BBH, not the paper's chain-of-thought setting. Its exact "
@@ -255,7 +286,7 @@ def _evaluation(results: dict) -> dict:
         "rows": rows,
         "table": format_table(rows),
         "runs": runs,
-        "subset": any(run["limit"] for run in runs),
+        "subset": any(run["subset"] for run in runs),
         "lm_eval_version": results.get("lm_eval_version", ""),
         "notes": notes,
     }
@@ -266,7 +297,7 @@ def _model_index(model_name: str, rows: list[dict]):
 
     out = []
     for r in rows:
-        suite = _suite(r["task"])
+        suite, dataset_config = _suite(r["task"]), None
         if suite == "niah":
             # One dataset entry per task and length: the Hub groups metrics by dataset.
             dataset_type = f"ruler-{r['task']}-{r['metric']}"
@@ -275,6 +306,9 @@ def _model_index(model_name: str, rows: list[dict]):
             dataset_type, dataset_name = _DATASETS[suite]
             if r["task"] != suite:
                 dataset_name = f"{dataset_name} ({r['task']})"
+                # Variants of one suite (answer-only and chain-of-thought BBH) read the same dataset; the Hub
+                # merges entries that share task type, dataset type and config, so the variant is the config.
+                dataset_config = r["task"]
         else:
             dataset_type, dataset_name = r["task"], r["task"]
         metric = r["metric"] if suite != "niah" else "string_match_all"
@@ -283,6 +317,7 @@ def _model_index(model_name: str, rows: list[dict]):
                 task_type="text-generation",
                 dataset_type=dataset_type,
                 dataset_name=dataset_name,
+                dataset_config=dataset_config,
                 metric_type=metric,
                 metric_value=round(100 * r["value"], 2),
                 metric_name=f"{metric} (%)",
