@@ -45,6 +45,7 @@ MMLU_SHOTS=${MMLU_SHOTS:-5}
 BBH_TASK=${BBH_TASK:-bbh_fewshot_strip}
 NIAH_LEN=${NIAH_LEN:-4096}
 SUITES=${SUITES:-mmlu bbh bbh_cot humaneval niah}  # which suites to run (e.g. SUITES=mmlu for one alone)
+MODELS=${MODELS:-ours baseline}  # which models to evaluate (MODELS=baseline skips training ours)
 # One batch size for every suite (dry runs); default: MMLU 8 (ours) and 16 (the baseline, float32 logits of
 # 5-shot prompts up to ~3k tokens), BBH and HumanEval 64, chain-of-thought BBH 128, NIAH 32.
 BS=${BS:-}
@@ -133,9 +134,11 @@ import torch, transformers, lm_eval, datasets, engram_moe
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 print("transformers", transformers.__version__, "lm_eval", lm_eval.__version__, "datasets", datasets.__version__)
 PY
-  setsid nohup bash "$REPO/results/eval/gpu_eval.sh" ours >"$W/ours.log" 2>&1 </dev/null &
-  sleep 5
-  tail -n 5 "$W/ours.log" || true
+  if [[ " $MODELS " == *" ours "* ]]; then
+    setsid nohup bash "$REPO/results/eval/gpu_eval.sh" ours >"$W/ours.log" 2>&1 </dev/null &
+    sleep 5
+    tail -n 5 "$W/ours.log" || true
+  fi
   ;;
 ours)
   start=$(date +%s)
@@ -149,12 +152,14 @@ ours)
   ;;
 baseline)
   start=$(date +%s)
-  cat "$W/gguf/smol.gguf.xz.part-a" "$CARRY2/smol.gguf.xz.part-b" | xz -d >"$W/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
-  "$PY" -m engram_moe.cli.evaluate convert-gguf "$W/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/smollm2-135m"
-  echo "converted in $(( $(date +%s) - start )) s"
-  setsid nohup bash "$REPO/results/eval/gpu_eval.sh" baseline-bg >"$W/baseline.log" 2>&1 </dev/null &
-  wait_for $(( WAIT_BUDGET - ($(date +%s) - start) )) ours baseline || true
-  tail -n 3 "$W/ours.log" "$W/baseline.log" || true
+  if [[ " $MODELS " == *" baseline "* ]]; then
+    cat "$W/gguf/smol.gguf.xz.part-a" "$CARRY2/smol.gguf.xz.part-b" | xz -d >"$W/gguf/SmolLM2-135M-Instruct.Q4_1.gguf"
+    "$PY" -m engram_moe.cli.evaluate convert-gguf "$W/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" --out "$W/smollm2-135m"
+    echo "converted in $(( $(date +%s) - start )) s"
+    setsid nohup bash "$REPO/results/eval/gpu_eval.sh" baseline-bg >"$W/baseline.log" 2>&1 </dev/null &
+  fi
+  wait_for $(( WAIT_BUDGET - ($(date +%s) - start) )) $MODELS || true
+  for name in $MODELS; do tail -n 3 "$W/$name.log" || true; done
   ;;
 baseline-bg)
   start=$(date +%s)
@@ -164,17 +169,19 @@ baseline-bg)
   ;;
 finish)
   start=$(date +%s)
-  wait_for "$FINISH_BUDGET" ours baseline || echo "packing what there is"
-  final="$W/train/small-engram-moe/final"
-  "$PY" -m engram_moe.cli.evaluate card "$final" --results "$W/ours/all/results.json" --out "$W/ours/MODEL_CARD.md" \
-    --model-id engram-moe/small-engram-moe-400steps || true
-  mkdir -p "$W/pack/train"
-  cp "$final/config.json" "$final/train_config.json" "$W/train/small-engram-moe/summary.json" "$W/pack/train/" || true
-  cp "$W/train/small-engram-moe/metrics.jsonl" "$W/pack/train/" 2>/dev/null || true
-  for name in ours baseline; do
+  wait_for "$FINISH_BUDGET" $MODELS || echo "packing what there is"
+  if [[ " $MODELS " == *" ours "* ]]; then
+    final="$W/train/small-engram-moe/final"
+    "$PY" -m engram_moe.cli.evaluate card "$final" --results "$W/ours/all/results.json" \
+      --out "$W/ours/MODEL_CARD.md" --model-id engram-moe/small-engram-moe-400steps || true
+    mkdir -p "$W/pack/train"
+    cp "$final/config.json" "$final/train_config.json" "$W/train/small-engram-moe/summary.json" "$W/pack/train/" || true
+    cp "$W/train/small-engram-moe/metrics.jsonl" "$W/pack/train/" 2>/dev/null || true
+  fi
+  for name in $MODELS; do
     mkdir -p "$W/pack/$name"
     cp -r "$W/$name/all" "$W/$name/MODEL_CARD.md" "$W/pack/$name/" 2>/dev/null || true
-    for suite in mmlu bbh bbh_cot humaneval niah; do
+    for suite in $SUITES; do
       mkdir -p "$W/pack/$name/$suite"
       cp "$W/$name/$suite/results.json" "$W/$name/$suite/summary.md" "$W/pack/$name/$suite/" 2>/dev/null || true
       # progress bars rewrite one line with \r: keep each bar's last state, and the end of the log
@@ -184,7 +191,10 @@ finish)
   done
   "$PY" -c "import json, torch; print(json.dumps({'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', 'torch': torch.__version__}))" >"$W/pack/env.json"
   tar -C "$W/pack" -czf "${OUT:-$W}/eval_gpu.tar.gz" .
-  "$PY" -m engram_moe.cli.evaluate table "$W/ours/all" "$W/baseline/all" --names small-engram-moe,SmolLM2-135M || true
+  declare -A label=([ours]=small-engram-moe [baseline]=SmolLM2-135M)
+  tables=() names=()
+  for name in $MODELS; do tables+=("$W/$name/all"); names+=("${label[$name]}"); done
+  "$PY" -m engram_moe.cli.evaluate table "${tables[@]}" --names "$(IFS=,; echo "${names[*]}")" || true
   echo "finish took $(( $(date +%s) - start )) s"
   ;;
 *)
