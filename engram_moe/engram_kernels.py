@@ -261,19 +261,21 @@ def _conv_residual_kernel(
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for k in tl.static_range(KERNEL):
         source = position - (KERNEL - 1 - k) * DILATION
-        inside = source >= 0
+        # Block masks compare a block, not a scalar: Triton 3.9's interpreter broadcasts a scalar boolean into
+        # int32 data and rejects the mask (the compiled kernel is the same either way).
+        sources = source + tl.zeros((BLOCK_C,), dtype=tl.int64)
         x = tl.load(
-            normed_ptr + (token - position + source) * channels + cols, mask=cmask & inside, other=0.0
+            normed_ptr + (token - position + source) * channels + cols, mask=cmask & (sources >= 0), other=0.0
         )
         x = x.to(tl.float32)
         if HAS_MASK:
-            keep = tl.load(mask_ptr + batch * mask_stride + source, mask=inside, other=0).to(tl.float32)
+            keep = tl.load(mask_ptr + batch * mask_stride + source, mask=source >= 0, other=0).to(tl.float32)
             x = x * keep
         if HAS_HISTORY:
-            past = history_len + source
+            past = history_len + sources
             h = tl.load(
                 history_ptr + batch * history_stride_b + cols * history_stride_c + past * history_stride_t,
-                mask=cmask & (source < 0) & (past >= 0),
+                mask=cmask & (sources < 0) & (past >= 0),
                 other=0.0,
             )
             x = x + h.to(tl.float32)
