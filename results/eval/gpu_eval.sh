@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The recorded evaluation behind results/eval/README.md, run on one GPU in three or four device calls with the
-# machine kept warm in between. Everything heavy runs in the background (setsid: it outlives a call), so no suite is
-# bound by one call's 10-minute limit; every suite still stops at one deadline, TOTAL_BUDGET after `setup`.
+# The recorded evaluation behind results/eval/README.md, run on one GPU in three or four device calls with
+# the machine kept warm in between. Everything heavy runs in the background (setsid: it outlives a call), so
+# no suite is bound by one call's 10-minute limit; every suite stops at one deadline, TOTAL_BUDGET after
+# `setup`.
 #
 #   stage `setup` (call 1, carry .evalcarry): install the carried Python packages, unpack the local evaluation
 #       data, keep the first part of the baseline GGUF, and start `ours` in the background.
