@@ -261,8 +261,8 @@ def _conv_residual_kernel(
     acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for k in tl.static_range(KERNEL):
         source = position - (KERNEL - 1 - k) * DILATION
-        # Block masks compare a block, not a scalar: Triton 3.9's interpreter broadcasts a scalar boolean into
-        # int32 data and rejects the mask (the compiled kernel is the same either way).
+        # Masks compare a block, not a scalar: Triton 3.9's interpreter broadcasts a scalar boolean into int32
+        # data and then rejects the mask.
         sources = source + tl.zeros((BLOCK_C,), dtype=tl.int64)
         x = tl.load(
             normed_ptr + (token - position + source) * channels + cols, mask=cmask & (sources >= 0), other=0.0
