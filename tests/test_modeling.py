@@ -231,3 +231,19 @@ def test_dense_preset_has_no_experts():
     model = build_model("tiny-dense")
     assert not any("experts" in name for name, _ in model.named_parameters())
     assert get_preset("tiny-dense").n_routed_experts == 0
+
+
+@torch.no_grad()
+def test_packed_documents_attend_apart_but_engram_reads_across_the_boundary():
+    """What the README says of packed batches (restarting position_ids, no mask, use_cache=False)."""
+    torch.manual_seed(0)
+    first, second = torch.randint(5, 200, (1, 7)), torch.randint(5, 200, (1, 6))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(6)]).unsqueeze(0)
+    moe = build_model("tiny-moe")
+    torch.testing.assert_close(
+        moe(packed, position_ids=positions, use_cache=False).logits[:, 7:], moe(second).logits
+    )
+    engram = build_model("tiny-engram-moe")
+    packed_logits = engram(packed, position_ids=positions, use_cache=False).logits[:, 7:]
+    assert not torch.allclose(packed_logits, engram(second).logits, atol=1e-4)
