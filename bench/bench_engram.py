@@ -379,22 +379,41 @@ def summary(config):
 # ---------------------------------------------------------------------------------------------- (b) throughput
 
 
-def decode_throughput(model, batch, prompt, steps, vocab):
+def decode_models(smoke):
+    """The decode comparisons' pair, seeded alike: Engram-MoE and the same MoE without Engram."""
+    torch.manual_seed(0)
+    with build_context():
+        engram = EngramMoEForCausalLM(model_config(smoke)).eval()
+        torch.manual_seed(0)
+        moe = EngramMoEForCausalLM(model_config(smoke, engram=False)).eval()
+    return engram, moe
+
+
+def decode_step(model, token, cache):
+    """One greedy cached decode step: the next input token."""
+    return model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+
+def start_decode(model, batch, prompt, vocab, warmup=3):
+    """Prefill a random prompt and decode `warmup` tokens (call in inference mode): (cache, next input token)."""
     ids = torch.randint(3, vocab, (batch, prompt), device=DEVICE)
+    out = model(ids, use_cache=True, logits_to_keep=1)
+    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+    for _ in range(warmup):
+        token = decode_step(model, token, cache)
+    sync()
+    return cache, token
+
+
+def timed_decode(model, batch, prompt, steps, vocab):
+    """(tokens/s, CPU seconds per step) of `steps` cached decode steps after the prefill and warm-up."""
     with torch.inference_mode():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        for _ in range(3):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-        sync()
-        t0 = time.perf_counter()
+        cache, token = start_decode(model, batch, prompt, vocab)
+        wall, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
+            token = decode_step(model, token, cache)
         sync()
-        elapsed = time.perf_counter() - t0
-    return batch * steps / elapsed
+        return batch * steps / (time.perf_counter() - wall), (time.process_time() - cpu) / steps
 
 
 def prefill_throughput(model, batch, length, vocab):
@@ -405,13 +424,8 @@ def prefill_throughput(model, batch, length, vocab):
 
 
 def section_b(smoke):
-    config = model_config(smoke)
-    base_config = model_config(smoke, engram=False)
-    torch.manual_seed(0)
-    with build_context():
-        engram = EngramMoEForCausalLM(config).eval()
-        torch.manual_seed(0)
-        moe = EngramMoEForCausalLM(base_config).eval()
+    engram, moe = decode_models(smoke)
+    config = engram.config
     params = {
         "engram_total": sum(p.numel() for p in engram.parameters()),
         "engram_tables": config.engram_table_parameters,
@@ -445,7 +459,7 @@ def section_b(smoke):
             model = set_variant(name)
             for batch in decode_batches:
                 results[name]["decode_tok_s"][batch].append(
-                    decode_throughput(model, batch, prompt, steps, vocab)
+                    timed_decode(model, batch, prompt, steps, vocab)[0]
                 )
     for name in variants:
         results[name]["decode_tok_s"] = {

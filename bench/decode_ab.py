@@ -14,31 +14,13 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_engram import CUDA, DEVICE, build_context, fmt, free_memory, model_config, sync, table_rows  # noqa: E402
-
-from engram_moe import EngramMoEForCausalLM  # noqa: E402
-
-
-def decode(model, batch, prompt, steps, vocab):
-    ids = torch.randint(3, vocab, (batch, prompt), device=DEVICE)
-    with torch.inference_mode():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        for _ in range(3):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        sync()
-        wall, cpu = time.perf_counter(), time.process_time()
-        for _ in range(steps):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        sync()
-        return batch * steps / (time.perf_counter() - wall), (time.process_time() - cpu) / steps
+from bench_engram import CUDA, decode_models, fmt, free_memory, table_rows, timed_decode  # noqa: E402
 
 
 def main():
@@ -49,12 +31,7 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
-    config, base_config = model_config(args.smoke), model_config(args.smoke, engram=False)
-    torch.manual_seed(0)
-    with build_context():
-        engram = EngramMoEForCausalLM(config).eval()
-        torch.manual_seed(0)
-        moe = EngramMoEForCausalLM(base_config).eval()
+    engram, moe = decode_models(args.smoke)
     engram.config.engram_prefetch = "all"
     batches, prompt, steps = ([4], 8, 4) if args.smoke else ([64, 256], 256, 24)
     names = {
@@ -69,7 +46,7 @@ def main():
             for name in names[placement] if round_index % 2 == 0 else names[placement][::-1]:
                 model = moe if name.startswith("moe") else engram
                 for batch in batches:
-                    tok_s, cpu_s = decode(model, batch, prompt, steps, config.vocab_size)
+                    tok_s, cpu_s = timed_decode(model, batch, prompt, steps, engram.config.vocab_size)
                     runs[name][batch].append(tok_s)
                     cpu[name][batch].append(cpu_s)
             placement = "host" if placement == "device" else "device"

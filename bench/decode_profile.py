@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,17 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_engram import (  # noqa: E402
     CUDA,
-    DEVICE,
-    build_context,
+    decode_models,
+    decode_step,
     fmt,
     free_memory,
-    model_config,
     prefill_throughput,
+    start_decode,
     sync,
     table_rows,
+    timed_decode,
 )
-
-from engram_moe import EngramMoEForCausalLM  # noqa: E402
 
 VARIANTS = {
     # name: (model, placement, kernels, prefetch)
@@ -50,26 +48,16 @@ VARIANTS = {
 SYNC_OPS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::_local_scalar_dense", "cudaMemcpy")
 
 
-def decode_steps(model, batch, prompt, steps, vocab, profiler_steps=0):
-    ids = torch.randint(3, vocab, (batch, prompt), device=DEVICE)
+def profile_decode(model, batch, prompt, steps, vocab):
+    """The torch profiler's record of `steps` cached decode steps after the prefill and warm-up."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
     with torch.inference_mode():
-        out = model(ids, use_cache=True, logits_to_keep=1)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-        for _ in range(3):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        sync()
-        if profiler_steps:
-            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if CUDA else [])
-            with profile(activities=activities) as prof:
-                for _ in range(profiler_steps):
-                    token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-                sync()
-            return prof
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            token = model(token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        sync()
-        return batch * steps / (time.perf_counter() - t0)
+        cache, token = start_decode(model, batch, prompt, vocab)
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                token = decode_step(model, token, cache)
+            sync()
+    return prof
 
 
 def summarize(prof, steps):
@@ -99,13 +87,9 @@ def main():
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    config, base_config = model_config(args.smoke), model_config(args.smoke, engram=False)
-    torch.manual_seed(0)
-    with build_context():
-        models = {"engram": EngramMoEForCausalLM(config).eval()}
-        torch.manual_seed(0)
-        models["moe"] = EngramMoEForCausalLM(base_config).eval()
-    vocab = config.vocab_size
+    engram, moe = decode_models(args.smoke)
+    models = {"engram": engram, "moe": moe}
+    vocab = engram.config.vocab_size
     batches = [4] if args.smoke else [64, 256]
     prompt, steps = (8, 4) if args.smoke else (256, 24)
 
@@ -131,11 +115,11 @@ def main():
         for name in order if round_index % 2 == 0 else order[::-1]:
             model = select(name)
             for batch in batches:
-                tok_s = decode_steps(model, batch, prompt, steps, vocab)
+                tok_s = timed_decode(model, batch, prompt, steps, vocab)[0]
                 results[name]["decode_tok_s_rounds"][batch].append(tok_s)
     for name in order:
         model = select(name)
-        prof = decode_steps(model, batches[-1], prompt, steps, vocab, profiler_steps=4)
+        prof = profile_decode(model, batches[-1], prompt, 4, vocab)
         results[name][f"profile_b{batches[-1]}"] = summarize(prof, 4)
         rounds = results[name]["decode_tok_s_rounds"]
         results[name]["decode_tok_s"] = {b: statistics.median(v) for b, v in rounds.items()}
