@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import build_model
+from conftest import assert_generates_like, assert_matches_reference, build_model
 
 from engram_moe import EngramLayer, EngramMoEConfig, get_preset, hash_ngrams
 from engram_moe.engram_kernels import (
@@ -113,10 +113,7 @@ def test_model_with_torch_kernels_matches_reference_logits_gradients_and_generat
     for name, param in fast.named_parameters():
         if param.grad is not None:
             torch.testing.assert_close(param.grad, grads_ref[name].grad, rtol=1e-4, atol=1e-6, msg=name)
-    with torch.no_grad():
-        generated_ref = reference.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        generated_fast = fast.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(generated_fast, generated_ref)
+    assert_generates_like(fast, reference, ids, mask, max_new_tokens=6)
 
 
 def test_kernel_mode_resolution_and_config_validation():
@@ -240,16 +237,7 @@ def test_triton_interp_model_kernels_matches_reference(triton_interpreter):
     ids = torch.randint(0, 512, (2, 10))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    with torch.no_grad():
-        torch.testing.assert_close(
-            fast(ids, attention_mask=mask).logits,
-            reference(ids, attention_mask=mask).logits,
-            rtol=1e-5,
-            atol=1e-5,
-        )
-        generated_ref = reference.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-        generated_fast = fast.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
-    assert torch.equal(generated_fast, generated_ref)
+    assert_matches_reference(fast, reference, ids, mask, max_new_tokens=4, rtol=1e-5, atol=1e-5)
 
 
 def test_triton_interp_conv_residual_matches_reference_with_mask_and_cache(triton_interpreter):

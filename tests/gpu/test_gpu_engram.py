@@ -8,6 +8,7 @@ import importlib.util
 
 import pytest
 import torch
+from conftest import assert_matches_reference
 
 from engram_moe import EngramLayer, EngramMoEForCausalLM, get_preset, hash_ngrams
 from engram_moe.engram_kernels import engram_gate_torch, engram_gate_triton, engram_hash, hash_gather
@@ -128,16 +129,7 @@ def test_fast_model_matches_reference_float32_logits_and_greedy_generation(prese
     ids = torch.randint(0, 512, (3, 20), device=CUDA)
     mask = torch.ones_like(ids)
     mask[0, :5] = 0
-    with torch.no_grad():
-        torch.testing.assert_close(
-            fast(ids, attention_mask=mask).logits,
-            reference(ids, attention_mask=mask).logits,
-            rtol=1e-4,
-            atol=1e-4,
-        )
-        out_ref = reference.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-        out_fast = fast.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert torch.equal(out_fast, out_ref)
+    assert_matches_reference(fast, reference, ids, mask, max_new_tokens=8, rtol=1e-4, atol=1e-4)
 
 
 @needs_triton
