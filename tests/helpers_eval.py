@@ -11,16 +11,11 @@ Folders live in one temporary directory removed at exit.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from helpers_fixtures import tokenizer_dir
-
-_root: Path | None = None
+from helpers_fixtures import session_tmp, tokenizer_dir
 
 # The editable install puts engram_moe on every interpreter's path (a .pth finder), so a child process
 # blocks it explicitly; a blocked module raises ModuleNotFoundError on import.
@@ -37,11 +32,7 @@ TINY_OVERRIDES = dict(
 
 
 def _tmp() -> Path:
-    global _root
-    if _root is None:
-        _root = Path(tempfile.mkdtemp(prefix="engram-eval-tests-"))
-        atexit.register(shutil.rmtree, _root, ignore_errors=True)
-    return _root
+    return session_tmp("engram-eval-tests-")
 
 
 @functools.cache

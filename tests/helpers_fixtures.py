@@ -24,8 +24,6 @@ from pathlib import Path
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENIZER_NAMES = ("smollm2", "deepseek-v3")
 
-_tmp_root: Path | None = None
-
 
 def fixture_path(*parts: str) -> Path:
     path = FIXTURES.joinpath(*parts)
@@ -42,12 +40,12 @@ def load_json(name: str):
         return json.load(f)
 
 
-def _tmp() -> Path:
-    global _tmp_root
-    if _tmp_root is None:
-        _tmp_root = Path(tempfile.mkdtemp(prefix="engram-test-tokenizers-"))
-        atexit.register(shutil.rmtree, _tmp_root, ignore_errors=True)
-    return _tmp_root
+@functools.cache
+def session_tmp(prefix: str) -> Path:
+    """A scratch folder for the whole test session (one per prefix), removed at exit."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return root
 
 
 @functools.cache
@@ -55,7 +53,7 @@ def tokenizer_dir(name: str) -> Path:
     if name not in TOKENIZER_NAMES:
         raise ValueError(f"unknown tokenizer fixture {name!r}; expected one of {TOKENIZER_NAMES}")
     src = fixture_path("tokenizers", name)
-    dst = _tmp() / name
+    dst = session_tmp("engram-test-tokenizers-") / name
     dst.mkdir(parents=True, exist_ok=True)
     for item in src.iterdir():
         if item.name.endswith(".gz"):
