@@ -184,28 +184,23 @@ def _suite(task: str) -> str | None:
     return "niah" if is_niah(task) else None
 
 
-def _shots(results: dict, tasks: list[str]) -> int | None:
-    """The few-shot count of ``tasks`` (groups through their subtasks), if they share one."""
-    n_shot, subtasks = results.get("n-shot", {}), results.get("group_subtasks", {})
-    found, todo = set(), list(tasks)
+def _leaf_tasks(results: dict, tasks: list[str]) -> list[str]:
+    """The tasks behind ``tasks``: groups replaced by their subtasks, recursively."""
+    subtasks, leaves, todo = results.get("group_subtasks", {}), [], list(tasks)
     while todo:
         name = todo.pop()
         if name in subtasks:
             todo += subtasks[name]
-        elif name in n_shot:
-            found.add(n_shot[name])
-    return found.pop() if len(found) == 1 else None
-
-
-def _leaf_tasks(results: dict, tasks: list[str]) -> list[str]:
-    subtasks, leaves, todo = results.get("group_subtasks", {}), [], list(tasks)
-    while todo:
-        name = todo.pop()
-        if subtasks.get(name):
-            todo += subtasks[name]
         else:
             leaves.append(name)
     return leaves
+
+
+def _shots(results: dict, tasks: list[str]) -> int | None:
+    """The few-shot count of ``tasks`` (groups through their subtasks), if they share one."""
+    n_shot = results.get("n-shot", {})
+    found = {n_shot[name] for name in _leaf_tasks(results, tasks) if name in n_shot}
+    return found.pop() if len(found) == 1 else None
 
 
 def _ran_on_subset(results: dict, tasks: list[str], limit) -> bool:
