@@ -46,7 +46,7 @@ def triton_installed() -> bool:
 
 
 def _import_triton():
-    global triton, tl
+    global triton, tl, _ngram_mix
     if triton is None:
         try:
             import triton as triton_module
@@ -54,6 +54,9 @@ def _import_triton():
         except ImportError as error:  # pragma: no cover - depends on the environment
             raise RuntimeError("The Engram Triton kernels need the `triton` package.") from error
         triton, tl = triton_module, tl_module
+        # A helper the kernels call must itself be a Triton function; kernels find it in this module's globals
+        # when they compile.
+        _ngram_mix = triton.jit(_ngram_mix)
     return triton
 
 
@@ -106,6 +109,17 @@ def _jit(fn):
     return kernel
 
 
+def _ngram_mix(base, mult_ptr, mask, order, NGRAM: tl.constexpr):
+    # The hash mix of the n-gram ending at `base` (compressed ids, one per lane): XOR over look-backs k < order of
+    # id[t-k] * multiplier[k], int64 wrapping as in the reference. Order n mixes look-backs 0..n-1, so lanes of
+    # lower orders skip the later terms. Jitted by `_import_triton` so that both hash kernels call it.
+    mix = tl.load(base, mask=mask, other=0) * tl.load(mult_ptr, mask=mask, other=0)
+    for k in tl.static_range(1, NGRAM):
+        term = tl.load(base - k, mask=mask, other=0) * tl.load(mult_ptr + k, mask=mask, other=0)
+        mix = tl.where(k < order, mix ^ term, mix)
+    return mix
+
+
 def _hash_gather_kernel(
     ids_ptr,
     ids_stride,
@@ -134,11 +148,8 @@ def _hash_gather_kernel(
     position = token % seq_len
     order = head // HEADS_PER_ORDER + 2
     base = ids_ptr + batch * ids_stride + position + (NGRAM - 1)
-    mix = tl.load(base, mask=pmask, other=0) * tl.load(mult_ptr)
-    for k in tl.static_range(1, NGRAM):
-        term = tl.load(base - k, mask=pmask, other=0) * tl.load(mult_ptr + k)
-        # Order n mixes look-backs 0..n-1, so heads of lower orders skip the later terms.
-        mix = tl.where(k < order, mix ^ term, mix)
+    # One layer here: every lane reads the same multipliers (a block of equal pointers, as the helper masks them).
+    mix = _ngram_mix(base, mult_ptr + tl.zeros_like(head), pmask, order, NGRAM)
     modulus = tl.load(mod_ptr + head, mask=pmask, other=1)
     row = mix % modulus + tl.load(off_ptr + head, mask=pmask, other=0)
     if WRITE_ROWS:
@@ -173,12 +184,7 @@ def _hash_kernel(
     position = token % seq_len
     order = head // HEADS_PER_ORDER + 2
     base = ids_ptr + batch * ids_stride + position + (NGRAM - 1)
-    mix = tl.load(base, mask=mask, other=0) * tl.load(mult_ptr + layer * NGRAM, mask=mask, other=0)
-    for k in tl.static_range(1, NGRAM):
-        term = tl.load(base - k, mask=mask, other=0) * tl.load(
-            mult_ptr + layer * NGRAM + k, mask=mask, other=0
-        )
-        mix = tl.where(k < order, mix ^ term, mix)
+    mix = _ngram_mix(base, mult_ptr + layer * NGRAM, mask, order, NGRAM)
     modulus = tl.load(mod_ptr + layer * NUM_HEADS + head, mask=mask, other=1)
     tl.store(out_ptr + items, mix % modulus, mask=mask)
 
