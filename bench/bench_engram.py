@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import itertools
 import json
 import platform
 import statistics
@@ -38,7 +39,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from numpy_reference_hash import NumpyNgramHasher  # noqa: E402
 
 from engram_moe import PRESETS, EngramLayer, EngramMoEConfig, EngramMoEForCausalLM, engram_param_groups  # noqa: E402
-from engram_moe.engram_kernels import engram_hash, hash_gather, resolve_kernel_mode  # noqa: E402
+from engram_moe.engram_kernels import (  # noqa: E402
+    engram_hash,
+    hash_gather,
+    hash_gather_rows_torch,
+    resolve_kernel_mode,
+)
 from engram_moe.engram_offload import cuda_view_of_host, pinned_host_copy  # noqa: E402
 from engram_moe.modeling_engram import engram_hash_constants, hash_ngrams  # noqa: E402
 
@@ -74,6 +80,28 @@ def bench(fn, warmup=3, iters=10):
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def graph_bench(fn, calls=3, iters=20):
+    """Median GPU seconds per `fn()` with the host out of the way: `calls` calls captured in one CUDA graph,
+    replayed. Eager timing (`bench`) of a kernel of ~100 us includes tens of microseconds of Python and launch
+    work that the GPU waits for; in a model that work overlaps earlier kernels. `fn` must pick new inputs per
+    call (e.g. rotate id sets) so that the replays do not re-read rows left in L2. `bench` on CPU."""
+    if not CUDA:
+        return bench(fn, iters=iters)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(calls):  # compile, allocate and warm up outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    seconds = bench(graph.replay, iters=iters) / calls
+    del graph
+    return seconds
 
 
 def wall(fn, repeats=5):
@@ -211,15 +239,25 @@ def section_a(smoke, ceilings):
         hidden = torch.randn(batch, length, config.hc_mult, config.hidden_size, device=DEVICE, dtype=DTYPE)
         step = {"i": 0}
 
-        def ids():
+        def ids_index():
             step["i"] += 1
-            return id_sets[step["i"] % 3]
+            return step["i"] % 3
+
+        def ids():
+            return id_sets[ids_index()]
 
         mode = resolve_kernel_mode("auto", DEVICE)
         use_triton = mode == "triton"
 
         def fast_gather():
             return hash_gather(ids(), multipliers[0], moduli[0], layer.offsets, weight, use_triton=use_triton)
+
+        # The rows of each id set, computed once: PyTorch's own gather of exactly those rows (no hashing) is what a
+        # stock gather reaches on this access pattern (random 160-byte rows spread over the 5.8 GB table).
+        row_sets = [hash_gather_rows_torch(i, multipliers[0], moduli[0], layer.offsets) for i in id_sets]
+
+        def torch_row_gather():
+            return torch.nn.functional.embedding(row_sets[ids_index()], weight)
 
         def reference_gather():
             return layer.lookup(hash_ngrams(ids(), multipliers, moduli, 3)[:, :, 0])
@@ -242,6 +280,8 @@ def section_a(smoke, ceilings):
             if not torch.equal(got, expected):
                 raise AssertionError(f"fast hash+gather differs from the reference at {batch}x{length}")
             t_fast = bench(fast_gather)
+            t_fast_graph = graph_bench(fast_gather)
+            t_torch_rows = graph_bench(torch_row_gather)
             t_ref = bench(reference_gather)
             t_host = bench(host_gather) if CUDA else None
             config.engram_kernels = "auto"
@@ -261,6 +301,8 @@ def section_a(smoke, ceilings):
             "tokens": tokens,
             "gather_bytes": gather_bytes,
             "gather_fast_s": t_fast,
+            "gather_fast_graph_s": t_fast_graph,
+            "gather_torch_precomputed_rows_graph_s": t_torch_rows,
             "gather_reference_s": t_ref,
             "gather_host_uva_s": t_host,
             "layer_fast_s": t_layer_fast,
@@ -271,6 +313,10 @@ def section_a(smoke, ceilings):
         if bw:
             entry["gather_floor_s"] = gather_bytes / (bw * 1e9)
             entry["gather_fast_fraction_of_hbm_bw"] = gather_bytes / t_fast / (bw * 1e9)
+            entry["gather_fast_graph_fraction_of_hbm_bw"] = gather_bytes / t_fast_graph / (bw * 1e9)
+            entry["gather_torch_precomputed_rows_fraction_of_hbm_bw"] = (
+                gather_bytes / t_torch_rows / (bw * 1e9)
+            )
             entry["gather_reference_fraction_of_hbm_bw"] = gather_bytes / t_ref / (bw * 1e9)
             entry["host_uva_GBps"] = row_bytes / t_host / 1e9
             entry["layer_floor_s"] = max(layer_bytes / (bw * 1e9), layer_flops / (peak * 1e12))
@@ -286,6 +332,10 @@ def section_a(smoke, ceilings):
             fmt(r["gather_reference_s"] * 1e6),
             fmt(r.get("gather_floor_s", 0) * 1e6),
             fmt(r.get("gather_fast_fraction_of_hbm_bw")),
+            fmt(r["gather_fast_graph_s"] * 1e6),
+            fmt(r.get("gather_fast_graph_fraction_of_hbm_bw")),
+            fmt(r["gather_torch_precomputed_rows_graph_s"] * 1e6),
+            fmt(r.get("gather_torch_precomputed_rows_fraction_of_hbm_bw")),
             fmt((r["gather_host_uva_s"] or 0) * 1e6),
             fmt(r.get("host_uva_GBps")),
             fmt(r["layer_fast_s"] * 1e6),
@@ -301,6 +351,10 @@ def section_a(smoke, ceilings):
             "ref gather us",
             "floor us",
             "frac HBM bw",
+            "gather us (graph)",
+            "frac (graph)",
+            "torch rows us (graph)",
+            "frac (torch rows)",
             "host gather us",
             "host GB/s",
             "layer us",
@@ -311,9 +365,16 @@ def section_a(smoke, ceilings):
     )
     if sweep:
         text += "\n\n" + table_rows(
-            ["table memory", "elems/program", "warps", "gather us", "GB/s (rows read)"],
+            ["BxT", "table memory", "elems/program", "warps", "gather us", "GB/s (rows read)"],
             [
-                [r["source"], r["block_elems"], r["num_warps"], fmt(r["s"] * 1e6), fmt(r["rows_GBps"])]
+                [
+                    f"{r['batch']}x{r['seq']}",
+                    r["source"],
+                    r["block_elems"],
+                    r["num_warps"],
+                    fmt(r["s"] * 1e6),
+                    fmt(r["rows_GBps"]),
+                ]
                 for r in sweep
             ],
         )
@@ -321,31 +382,58 @@ def section_a(smoke, ceilings):
 
 
 def gather_sweep(smoke, config, layer, weight, host, multipliers, moduli):
-    """Launch shapes of the gather at the largest prefill size, from HBM and from host memory with and without
-    transparent huge pages."""
+    """Launch shapes of the gather at both prefill sizes (GPU time, `graph_bench`): from HBM, from HBM with every
+    row inside the table's first ~1/36 (~160 MB: the same bytes, but the rows share DRAM pages and TLB entries),
+    and (at the largest size) from host memory with and without transparent huge pages."""
     from engram_moe import engram_kernels
 
-    batch, length = (2, 8) if smoke else (8, 4096)
-    ids = torch.randint(0, config.engram_compressed_vocab_size, (batch, length + 2), device=DEVICE)
+    sizes = [(2, 8)] if smoke else [(8, 4096), (4, 2048)]
+    step = {"i": 0}
     plain = pinned_host_copy(weight, huge_pages=False)
+    small_moduli = torch.clamp(moduli[0] // 36, min=1)
+    small_offsets = torch.cumsum(small_moduli, 0) - small_moduli
     sources = [
-        ("hbm", weight, weight),
-        ("host_thp", host.tensor, cuda_view_of_host(host.tensor, DEVICE)),
-        ("host_plain", plain.tensor, cuda_view_of_host(plain.tensor, DEVICE)),
+        ("hbm", weight, weight, moduli[0], layer.offsets),
+        ("hbm, rows in 1/36 of the table", weight, weight, small_moduli, small_offsets),
+        ("host_thp", host.tensor, cuda_view_of_host(host.tensor, DEVICE), moduli[0], layer.offsets),
+        ("host_plain", plain.tensor, cuda_view_of_host(plain.tensor, DEVICE), moduli[0], layer.offsets),
+    ]
+    shapes = [
+        (1024, 2),
+        (1024, 4),
+        (2048, 2),
+        (2048, 4),
+        (4096, 4),
+        (4096, 8),
+        (8192, 4),
+        (8192, 8),
+        (16384, 8),
     ]
     default = dict(engram_kernels.GATHER_LAUNCH)
     rows = []
-    row_bytes = batch * length * moduli.shape[1] * config.engram_head_dim * weight.element_size()
     try:
-        for name, table, source in sources:
-            for block_elems, num_warps in [(4096, 4), (8192, 4), (8192, 8), (16384, 8), (32768, 16)]:
+        for (batch, length), (name, table, source, head_moduli, offsets) in itertools.product(sizes, sources):
+            if name.startswith("host") and (batch, length) != sizes[0]:
+                continue
+            id_sets = [
+                torch.randint(0, config.engram_compressed_vocab_size, (batch, length + 2), device=DEVICE)
+                for _ in range(3)
+            ]
+            row_bytes = batch * length * moduli.shape[1] * config.engram_head_dim * weight.element_size()
+            for block_elems, num_warps in shapes if name.startswith("hbm") else [(2048, 4), (8192, 4)]:
                 engram_kernels.GATHER_LAUNCH.update(block_elems=block_elems, num_warps=num_warps)
+
+                def gather():
+                    step["i"] += 1
+                    ids = id_sets[step["i"] % 3]
+                    return hash_gather(ids, multipliers[0], head_moduli, offsets, table, source)
+
                 with torch.inference_mode():
-                    t = bench(
-                        lambda: hash_gather(ids, multipliers[0], moduli[0], layer.offsets, table, source)
-                    )
+                    t = graph_bench(gather)
                 rows.append(
                     {
+                        "batch": batch,
+                        "seq": length,
                         "source": name,
                         "block_elems": block_elems,
                         "num_warps": num_warps,
@@ -604,6 +692,8 @@ def section_c(smoke):
         if use_triton:
             assert torch.equal(engram_hash(context, all_m, all_p, 3).cpu(), ours_hash)
             entry["triton_hash_s"] = bench(lambda: engram_hash(context, all_m, all_p, 3))
+            # The kernel's own GPU time (the eager figure is mostly the Python launch).
+            entry["triton_hash_graph_s"] = graph_bench(lambda: engram_hash(context, all_m, all_p, 3), calls=1)
         best = entry.get("triton_hash_s", entry["torch_hash_s"])
         entry["speedup_vs_numpy_demo"] = entry["numpy_demo_forward_s"] / best
         entry["speedup_vs_numpy_once"] = entry["numpy_once_s"] / best
@@ -629,6 +719,7 @@ def section_c(smoke):
             "numpy once us",
             "torch hash us",
             "triton hash us",
+            "triton hash us (graph)",
             "x vs demo",
             "x vs once",
         ],
@@ -639,6 +730,7 @@ def section_c(smoke):
                 fmt(r["numpy_once_s"] * 1e6),
                 fmt(r["torch_hash_s"] * 1e6),
                 fmt(r.get("triton_hash_s", 0) * 1e6) if "triton_hash_s" in r else "-",
+                fmt(r.get("triton_hash_graph_s", 0) * 1e6) if "triton_hash_graph_s" in r else "-",
                 fmt(r["speedup_vs_numpy_demo"]),
                 fmt(r["speedup_vs_numpy_once"]),
             ]

@@ -340,9 +340,10 @@ def hash_gather_rows_torch(
     return rows[:, :, 0] + offsets
 
 
-# Launch shape of the gather: ~`block_elems` table elements per program, `num_warps` warps. Enough row reads in
-# flight hide HBM (or PCIe) latency; bench/bench_engram.py sweeps these.
-GATHER_LAUNCH = {"block_elems": 8192, "num_warps": 4}
+# Launch shape of the gather: ~`block_elems` table elements per program, `num_warps` warps. Many small programs
+# keep the most row reads in flight: bench/bench_engram.py's sweep on an H100 (CUDA-graph GPU time, 8 x 4096
+# tokens, 160-byte rows) ranks 2048 elements / 4 warps first and slows down steadily with larger programs.
+GATHER_LAUNCH = {"block_elems": 2048, "num_warps": 4}
 
 
 def _launch_hash_gather(ids, multipliers, moduli, offsets, table, out_dtype, write_rows):
@@ -358,7 +359,6 @@ def _launch_hash_gather(ids, multipliers, moduli, offsets, table, out_dtype, wri
     if num_pairs == 0:
         return out, rows
     block_d = _next_pow2(dim)
-    # About 8K elements per program: enough independent row reads in flight to cover HBM (or PCIe) latency.
     block_p = max(1, min(512, GATHER_LAUNCH["block_elems"] // block_d))
     _jit(_hash_gather_kernel)[(-(-num_pairs // block_p),)](
         ids,
