@@ -10,9 +10,10 @@ op by op) stays the reference. This module adds:
   exactly as ``nn.Embedding`` computes them.
 - ``engram_hash``: the hash ids of all Engram layers in one launch (the reference does ~5 launches per order).
 - ``engram_gate``: both RMSNorms, the gate score, its signed square root, the sigmoid, ``u = alpha * v`` and the
-  conv's RMSNorm of ``u`` in one pass over a token's activations. The Triton kernel serves inference; when a
-  gradient is needed the PyTorch twin ``engram_gate_torch`` (the same math, written so ``torch.compile`` can fuse
-  it) runs instead.
+  conv's RMSNorm of ``u`` in one pass over a token's activations, and its backward in one more (it recomputes the
+  forward from the saved inputs). ``engram_gate_torch`` is the PyTorch twin (the same math under autograd,
+  written so ``torch.compile`` can fuse it): the path without Triton, and the reference the kernels are tested
+  against, forward and gradients.
 
 Triton is optional: without it (or on CPU) every function here has a PyTorch path with the same results, and
 ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors (the CPU tests use that when Triton is installed).
@@ -234,6 +235,111 @@ def _gate_kernel(
             wc = tl.load(wc_ptr + branch * hidden + cols, mask=cmask, other=0.0).to(tl.float32)
             normed = u * (1.0 / tl.sqrt(gate * gate * value_ms + eps_c)) * wc
             tl.store(normed_ptr + offset + cols, normed.to(normed_ptr.dtype.element_ty), mask=cmask)
+
+
+def _gate_backward_kernel(
+    key_ptr,
+    query_ptr,
+    value_ptr,
+    wk_ptr,
+    wq_ptr,
+    wc_ptr,
+    dgate_ptr,
+    du_ptr,
+    dnormed_ptr,
+    dkey_ptr,
+    dquery_ptr,
+    dvalue_ptr,
+    dweight_ptr,
+    tokens,
+    hidden,
+    eps_k,
+    eps_q,
+    eps_c,
+    inv_sqrt_d,
+    HC: tl.constexpr,
+    HC_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    HAS_CONV: tl.constexpr,
+    HAS_DGATE: tl.constexpr,
+    HAS_DU: tl.constexpr,
+    HAS_DNORMED: tl.constexpr,
+):
+    # The gate's backward for BLOCK_T tokens. Only the inputs were saved: the forward is recomputed here, then
+    # differentiated op by op in the order of `engram_gate_torch` (the chain rule of each op is noted). A token's
+    # HC branches form one [HC_BLOCK, BLOCK] tile, so the value's gradient (a sum over branches) stays in
+    # registers, and the three norm weights' gradients are summed over this program's tokens into one partial
+    # row each (`dweight` [3, programs, HC, hidden], summed by the caller): no atomics, deterministic.
+    pid = tl.program_id(0)
+    rows = tl.arange(0, HC_BLOCK)
+    cols = tl.arange(0, BLOCK)
+    tile_mask = (rows < HC)[:, None] & (cols < hidden)[None, :]
+    tile = rows[:, None] * hidden + cols[None, :]
+    wk = tl.load(wk_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    wq = tl.load(wq_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    if HAS_CONV:
+        wc = tl.load(wc_ptr + tile, mask=tile_mask, other=0.0).to(tl.float32)
+    acc_k = tl.zeros([HC_BLOCK, BLOCK], dtype=tl.float32)
+    acc_q = tl.zeros([HC_BLOCK, BLOCK], dtype=tl.float32)
+    acc_c = tl.zeros([HC_BLOCK, BLOCK], dtype=tl.float32)
+    for i in range(BLOCK_T):
+        token = pid.to(tl.int64) * BLOCK_T + i
+        # Masks compare blocks, not the scalar `token < tokens` (Triton 3.9's interpreter rejects scalar masks).
+        row_live = (rows < HC) & (token + tl.zeros([HC_BLOCK], dtype=tl.int64) < tokens)
+        vmask = (cols < hidden) & (token + tl.zeros([BLOCK], dtype=tl.int64) < tokens)
+        mask = row_live[:, None] & (cols < hidden)[None, :]
+        offset = token * HC * hidden + tile
+        # Forward, recomputed (masked lanes and tokens past the end are zeros and contribute zeros).
+        key = tl.load(key_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        query = tl.load(query_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        value = tl.load(value_ptr + token * hidden + cols, mask=vmask, other=0.0).to(tl.float32)[None, :]
+        rk = 1.0 / tl.sqrt(tl.sum(key * key, axis=1) / hidden + eps_k)
+        rq = 1.0 / tl.sqrt(tl.sum(query * query, axis=1) / hidden + eps_q)
+        key_hat = key * rk[:, None]
+        query_hat = query * rq[:, None]
+        key_n = key_hat * wk
+        query_n = query_hat * wq
+        score = tl.sum(key_n * query_n, axis=1) * inv_sqrt_d
+        sign = tl.where(score > 0, 1.0, tl.where(score < 0, -1.0, 0.0))
+        magnitude = tl.abs(score)
+        root = tl.sqrt(tl.maximum(magnitude, 1e-6))
+        gate = 1.0 / (1.0 + tl.exp(-(sign * root)))
+        u = gate[:, None] * value
+        # u's gradient: its own, plus the conv RMSNorm's (y = x r w: dx = r a - x_hat r mean(a x_hat), a = dy w).
+        if HAS_DU:
+            du = tl.load(du_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        else:
+            du = tl.zeros([HC_BLOCK, BLOCK], dtype=tl.float32)
+        if HAS_CONV and HAS_DNORMED:
+            dnormed = tl.load(dnormed_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+            ru = 1.0 / tl.sqrt(tl.sum(u * u, axis=1) / hidden + eps_c)
+            u_hat = u * ru[:, None]
+            a = dnormed * wc
+            du += ru[:, None] * a - u_hat * (ru * tl.sum(a * u_hat, axis=1) / hidden)[:, None]
+            acc_c += dnormed * u_hat
+        # u = gate * value; gate = sigmoid(t); t = sign(s) sqrt(max(|s|, floor)) (no gradient below the floor).
+        dvalue = tl.sum(gate[:, None] * du, axis=0)
+        tl.store(dvalue_ptr + token * hidden + cols, dvalue.to(dvalue_ptr.dtype.element_ty), mask=vmask)
+        dgate = tl.sum(du * value, axis=1)
+        if HAS_DGATE:
+            dgate += tl.load(dgate_ptr + token * HC + rows, mask=row_live, other=0.0).to(tl.float32)
+        dt = dgate * gate * (1.0 - gate)
+        dscore = tl.where(magnitude >= 1e-6, dt * sign * sign * 0.5 / root, 0.0) * inv_sqrt_d
+        # score = sum(key_n * query_n) / sqrt(d), then both RMSNorms.
+        a_k = dscore[:, None] * query_n * wk
+        a_q = dscore[:, None] * key_n * wq
+        acc_k += dscore[:, None] * query_n * key_hat
+        acc_q += dscore[:, None] * key_n * query_hat
+        dkey = rk[:, None] * a_k - key_hat * (rk * tl.sum(a_k * key_hat, axis=1) / hidden)[:, None]
+        dquery = rq[:, None] * a_q - query_hat * (rq * tl.sum(a_q * query_hat, axis=1) / hidden)[:, None]
+        tl.store(dkey_ptr + offset, dkey.to(dkey_ptr.dtype.element_ty), mask=mask)
+        tl.store(dquery_ptr + offset, dquery.to(dquery_ptr.dtype.element_ty), mask=mask)
+    programs = tl.num_programs(0)
+    part = dweight_ptr + pid.to(tl.int64) * HC * hidden + tile
+    tl.store(part, acc_k, mask=tile_mask)
+    tl.store(part + programs * HC * hidden, acc_q, mask=tile_mask)
+    tl.store(part + 2 * programs * HC * hidden, acc_c, mask=tile_mask)
 
 
 def _conv_residual_kernel(
@@ -520,16 +626,111 @@ def engram_gate_triton(key, query, value, key_weight, query_weight, conv_weight,
     return gate, u, normed.view(*lead, hc, hidden) if has_conv else None
 
 
-def engram_gate(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c, use_triton):
-    """The Triton gate for inference, the PyTorch twin when a gradient is needed or Triton cannot run."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (key, query, value, key_weight, query_weight, conv_weight)
+# The gate's backward runs at most this many programs, each over a run of tokens, each summing the norm weights'
+# gradients over its tokens into one partial row: the partial buffer stays small, and there are still enough
+# programs to fill every SM.
+GATE_BACKWARD_MAX_PROGRAMS = 1024
+
+
+def engram_gate_backward_triton(saved, grads, eps_k, eps_q, eps_c, needs_input_grad):
+    """Gradients of `engram_gate_torch` from its inputs (`saved`: key, query, value and the three norm weights,
+    the conv weight may be None) and its outputs' gradients (`grads`: gate, u, normed; None where unused)."""
+    key, query, value, key_weight, query_weight, conv_weight = saved
+    grad_gate, grad_u, grad_normed = grads
+    hc, hidden = query.shape[-2], query.shape[-1]
+    key3 = key.reshape(-1, hc, hidden).contiguous()
+    query3 = query.reshape(-1, hc, hidden).contiguous()
+    value2 = value.reshape(-1, hidden).contiguous()
+    tokens = query3.shape[0]
+    has_conv = conv_weight is not None
+    dkey = torch.empty_like(key3)
+    dquery = torch.empty_like(query3)
+    dvalue = torch.empty_like(value2)
+    block_t = max(1, -(-tokens // GATE_BACKWARD_MAX_PROGRAMS))
+    programs = max(1, -(-tokens // block_t))
+    dweight = torch.zeros(3, programs, hc, hidden, dtype=torch.float32, device=query.device)
+    if tokens:
+        block = _next_pow2(hidden)
+        hc_block = _next_pow2(hc)
+
+        def flat(grad, shape):
+            return grad.reshape(shape).contiguous() if grad is not None else key3
+
+        _jit(_gate_backward_kernel)[(programs,)](
+            key3,
+            query3,
+            value2,
+            key_weight.contiguous(),
+            query_weight.contiguous(),
+            conv_weight.contiguous() if has_conv else key_weight,
+            flat(grad_gate, (-1, hc)),
+            flat(grad_u, (-1, hc, hidden)),
+            flat(grad_normed, (-1, hc, hidden)),
+            dkey,
+            dquery,
+            dvalue,
+            dweight,
+            tokens,
+            hidden,
+            float(eps_k),
+            float(eps_q),
+            float(eps_c),
+            1.0 / math.sqrt(hidden),
+            HC=hc,
+            HC_BLOCK=hc_block,
+            BLOCK=block,
+            BLOCK_T=block_t,
+            HAS_CONV=has_conv,
+            HAS_DGATE=grad_gate is not None,
+            HAS_DU=grad_u is not None,
+            HAS_DNORMED=grad_normed is not None,
+            num_warps=max(4, min(16, hc_block * block // 512)),
+        )
+    dweight = dweight.sum(1)
+    weights = (key_weight, query_weight, conv_weight)
+    dweights = [
+        dweight[i].to(w.dtype) if w is not None and needs else None
+        for i, (w, needs) in enumerate(zip(weights, needs_input_grad[3:6], strict=True))
+    ]
+    return (
+        dkey.view(key.shape) if needs_input_grad[0] else None,
+        dquery.view(query.shape) if needs_input_grad[1] else None,
+        dvalue.view(value.shape) if needs_input_grad[2] else None,
+        *dweights,
     )
-    if use_triton and not needs_grad:
+
+
+class _EngramGate(torch.autograd.Function):
+    """The Triton gate with a Triton backward (training): two launches per layer and step where the PyTorch twin
+    under autograd takes ~70, and only the inputs are saved (the backward recomputes the rest)."""
+
+    @staticmethod
+    def forward(ctx, key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(key, query, value, key_weight, query_weight, conv_weight)
+        ctx.eps = (eps_k, eps_q, eps_c)
         return engram_gate_triton(
             key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c
         )
-    return engram_gate_torch(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_gate, grad_u, grad_normed):
+        grads = engram_gate_backward_triton(
+            ctx.saved_tensors, (grad_gate, grad_u, grad_normed), *ctx.eps, ctx.needs_input_grad
+        )
+        return (*grads, None, None, None)
+
+
+def engram_gate(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c, use_triton):
+    """The Triton gate (with its Triton backward when a gradient is needed); the PyTorch twin without Triton."""
+    args = (key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c)
+    if not use_triton:
+        return engram_gate_torch(*args)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (key, query, value, key_weight, query_weight, conv_weight)
+    )
+    return _EngramGate.apply(*args) if needs_grad else engram_gate_triton(*args)
 
 
 def conv_residual_triton(layer, hidden_states, u, normed, attention_mask, cache):
@@ -622,6 +823,7 @@ __all__ = [
     "KERNEL_MODES",
     "conv_residual_triton",
     "engram_gate",
+    "engram_gate_backward_triton",
     "engram_gate_torch",
     "engram_gate_triton",
     "engram_hash",

@@ -12,7 +12,12 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_generates_like, assert_matches_reference, build_model
+from conftest import (
+    assert_gate_gradients_match_the_twin,
+    assert_generates_like,
+    assert_matches_reference,
+    build_model,
+)
 
 from engram_moe import EngramLayer, EngramMoEConfig, get_preset, hash_ngrams
 from engram_moe.engram_kernels import (
@@ -228,6 +233,36 @@ def test_triton_interp_gate_matches_the_torch_twin(triton_interpreter, hc, use_c
             assert have is None
         else:
             torch.testing.assert_close(have, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "hc,hidden,use_conv,used",
+    [
+        (4, 32, True, ("gate", "u", "normed")),
+        (1, 20, True, ("u", "normed")),
+        (4, 32, False, ("gate", "u")),
+        (3, 24, True, ("normed",)),
+    ],
+)
+def test_triton_interp_gate_backward_matches_the_torch_twin(triton_interpreter, hc, hidden, use_conv, used):
+    # 37 tokens: not a multiple of any block, so the last program's tail is masked.
+    assert_gate_gradients_match_the_twin(37, hc, hidden, use_conv, used, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_interp_training_gradients_match_reference(triton_interpreter):
+    reference = build_model("tiny-engram-moe-hc4")
+    fast = copy.deepcopy(reference)
+    fast.config.engram_kernels = "triton"
+    ids = torch.randint(0, 512, (2, 12))
+    losses = [model(ids, labels=ids).loss for model in (reference, fast)]
+    torch.testing.assert_close(losses[1], losses[0])
+    for loss in losses:
+        loss.backward()
+    grads = dict(reference.named_parameters())
+    for name, param in fast.named_parameters():
+        assert (param.grad is None) == (grads[name].grad is None), name
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_triton_interp_model_kernels_matches_reference(triton_interpreter):

@@ -8,7 +8,7 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import assert_matches_reference
+from conftest import assert_gate_gradients_match_the_twin, assert_matches_reference
 
 from engram_moe import EngramLayer, EngramMoEForCausalLM, get_preset, hash_ngrams
 from engram_moe.engram_kernels import engram_gate_torch, engram_gate_triton, engram_hash, hash_gather
@@ -120,6 +120,18 @@ def test_gate_kernel_matches_the_torch_twin(hc, hidden, use_conv, dtype):
             assert have is None
         else:
             torch.testing.assert_close(have, want, **tol)
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "hc,hidden,use_conv", [(1, 2048, True), (4, 2560, True), (4, 64, False), (1, 100, True), (2, 256, True)]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_backward_kernel_matches_the_torch_twin(hc, hidden, use_conv, dtype):
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    used = ("gate", "u", "normed") if use_conv else ("gate", "u")
+    # 3,001 tokens: several tokens per program (at most 1,024 programs) and a masked tail.
+    assert_gate_gradients_match_the_twin(3001, hc, hidden, use_conv, used, dtype=dtype, device=CUDA, **tol)
 
 
 @needs_triton
