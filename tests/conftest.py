@@ -51,30 +51,40 @@ def gate_inputs(tokens, hc, hidden, use_conv, dtype=torch.float32, device="cpu",
 
 
 def assert_gate_gradients_match_the_twin(
-    tokens, hc, hidden, use_conv, used, rtol, atol, dtype=torch.float32, device="cpu"
+    tokens, hc, hidden, use_conv, used, dtype=torch.float32, device="cpu"
 ):
     """Forward and every input's gradient of the Triton gate (kernel + backward kernel) against the PyTorch twin,
-    with a loss over the outputs named in `used` (an output left out gets no gradient)."""
+    with a loss over the outputs named in `used` (an output left out gets no gradient).
+
+    Both are measured against the twin run in float64 (the truth): the kernels' relative (Frobenius) error must
+    stay within 4x the twin's own at `dtype`, or under a floor (1e-4 in float32, 2e-2 in bfloat16). Elementwise
+    tolerances would flag conditioning, not bugs: the norm weights' gradients are sums over every token, added in
+    another order by the kernel, and a score near 0 amplifies its rounding error by 1/(2 sqrt|s|) (the signed
+    square root) in any float32 implementation; a wrong term in a gradient gives errors of 1e-2 and more.
+    """
     inputs = gate_inputs(tokens, hc, hidden, use_conv, dtype, device=device)
-    leaves = [t for t in inputs if t is not None]
+    truth_inputs = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
     eps = (1e-6, 1e-6, 1e-5)
-    expected = engram_gate(*inputs, *eps, use_triton=False)
-    got = engram_gate(*inputs, *eps, use_triton=True)
     generator = torch.Generator().manual_seed(1)
-    probes = [torch.randn(o.shape, generator=generator).to(o) if o is not None else None for o in expected]
-    losses = [
-        sum(
-            (o.float() * p.float()).sum()
+    probes = [torch.randn(tokens, hc, generator=generator)] + [
+        torch.randn(tokens, hc, hidden, generator=generator) for _ in range(2)
+    ]
+    runs = []
+    for args, use_triton in ((truth_inputs, False), (inputs, False), (inputs, True)):
+        outputs = engram_gate(*args, *eps, use_triton=use_triton)
+        assert [o is None for o in outputs] == [False, False, not use_conv]
+        loss = sum(
+            (o.double() * p.to(o.device, torch.float64)).sum()
             for o, p, name in zip(outputs, probes, ("gate", "u", "normed"), strict=True)
             if name in used and o is not None
         )
-        for outputs in (expected, got)
-    ]
-    for want, have in zip(expected, got, strict=True):
-        assert (want is None) == (have is None)
-        if want is not None:
-            torch.testing.assert_close(have, want, rtol=rtol, atol=atol)
-    grads_want = torch.autograd.grad(losses[0], leaves)
-    grads_have = torch.autograd.grad(losses[1], leaves)
-    for index, (want, have) in enumerate(zip(grads_want, grads_have, strict=True)):
-        torch.testing.assert_close(have, want, rtol=rtol, atol=atol, msg=lambda m, i=index: f"input {i}: {m}")
+        grads = torch.autograd.grad(loss, [t for t in args if t is not None])
+        runs.append([o for o in outputs if o is not None] + list(grads))
+    floor = {torch.float32: 1e-4, torch.bfloat16: 2e-2}[dtype]
+    for index, (truth, twin, kernel) in enumerate(zip(*runs, strict=True)):
+        assert kernel.dtype == twin.dtype and kernel.shape == twin.shape, index
+
+        def error(x, truth=truth):
+            return ((x.double() - truth).norm() / truth.norm().clamp_min(1e-30)).item()
+
+        assert error(kernel) <= max(4 * error(twin), floor), (index, error(kernel), error(twin))
