@@ -587,13 +587,30 @@ def engram_gate_torch(
     return gate.squeeze(-1).to(dtype), u.to(dtype), normed
 
 
+def _gate_operands(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c):
+    """The gate kernels' common operands: `key`, `query` `[tokens, hc, d]`, `value` `[tokens, d]` and the three
+    norm weights, contiguous (the conv's weight stands in as a never-read placeholder without a conv), and the
+    scalars `(d, eps_k, eps_q, eps_c, 1/sqrt(d))`."""
+    hc, hidden = query.shape[-2], query.shape[-1]
+    tensors = (
+        key.reshape(-1, hc, hidden).contiguous(),
+        query.reshape(-1, hc, hidden).contiguous(),
+        value.reshape(-1, hidden).contiguous(),
+        key_weight.contiguous(),
+        query_weight.contiguous(),
+        (conv_weight if conv_weight is not None else key_weight).contiguous(),
+    )
+    return tensors, (hidden, float(eps_k), float(eps_q), float(eps_c), 1.0 / math.sqrt(hidden))
+
+
 def engram_gate_triton(key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c):
     """`engram_gate_torch` in one Triton launch (no autograd: inference only)."""
     hc, hidden = query.shape[-2], query.shape[-1]
     lead = query.shape[:-2]
-    key = key.reshape(-1, hc, hidden).contiguous()
-    query = query.reshape(-1, hc, hidden).contiguous()
-    value = value.reshape(-1, hidden).contiguous()
+    tensors, scalars = _gate_operands(
+        key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c
+    )
+    query = tensors[1]
     tokens = query.shape[0]
     gate = torch.empty(tokens, hc, dtype=query.dtype, device=query.device)
     u = torch.empty_like(query)
@@ -602,20 +619,11 @@ def engram_gate_triton(key, query, value, key_weight, query_weight, conv_weight,
     if tokens:
         block = _next_pow2(hidden)
         _jit(_gate_kernel)[(tokens,)](
-            key,
-            query,
-            value,
-            key_weight.contiguous(),
-            query_weight.contiguous(),
-            conv_weight.contiguous() if has_conv else key_weight,
+            *tensors,
             gate,
             u,
             normed,
-            hidden,
-            float(eps_k),
-            float(eps_q),
-            float(eps_c),
-            1.0 / math.sqrt(hidden),
+            *scalars,
             HC=hc,
             BLOCK=block,
             HAS_CONV=has_conv,
@@ -638,9 +646,10 @@ def engram_gate_backward_triton(saved, grads, eps_k, eps_q, eps_c, needs_input_g
     key, query, value, key_weight, query_weight, conv_weight = saved
     grad_gate, grad_u, grad_normed = grads
     hc, hidden = query.shape[-2], query.shape[-1]
-    key3 = key.reshape(-1, hc, hidden).contiguous()
-    query3 = query.reshape(-1, hc, hidden).contiguous()
-    value2 = value.reshape(-1, hidden).contiguous()
+    tensors, scalars = _gate_operands(
+        key, query, value, key_weight, query_weight, conv_weight, eps_k, eps_q, eps_c
+    )
+    key3, query3, value2 = tensors[:3]
     tokens = query3.shape[0]
     has_conv = conv_weight is not None
     dkey = torch.empty_like(key3)
@@ -657,12 +666,7 @@ def engram_gate_backward_triton(saved, grads, eps_k, eps_q, eps_c, needs_input_g
             return grad.reshape(shape).contiguous() if grad is not None else key3
 
         _jit(_gate_backward_kernel)[(programs,)](
-            key3,
-            query3,
-            value2,
-            key_weight.contiguous(),
-            query_weight.contiguous(),
-            conv_weight.contiguous() if has_conv else key_weight,
+            *tensors,
             flat(grad_gate, (-1, hc)),
             flat(grad_u, (-1, hc, hidden)),
             flat(grad_normed, (-1, hc, hidden)),
@@ -671,11 +675,7 @@ def engram_gate_backward_triton(saved, grads, eps_k, eps_q, eps_c, needs_input_g
             dvalue,
             dweight,
             tokens,
-            hidden,
-            float(eps_k),
-            float(eps_q),
-            float(eps_c),
-            1.0 / math.sqrt(hidden),
+            *scalars,
             HC=hc,
             HC_BLOCK=hc_block,
             BLOCK=block,
