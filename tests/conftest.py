@@ -36,6 +36,21 @@ def tiny_model():
     return build_model()
 
 
+def assert_training_gradients_match(model, reference, ids, rtol, atol, attention_mask=None):
+    """One training forward and backward of `model` and `reference` on `ids` (labels = ids): the same loss, and
+    the same parameters getting gradients, equal within the tolerances. Returns both outputs (model's first)."""
+    outputs = [m(ids, attention_mask=attention_mask, labels=ids) for m in (model, reference)]
+    torch.testing.assert_close(outputs[0].loss, outputs[1].loss, rtol=rtol, atol=atol)
+    for out in outputs:
+        out.loss.backward()
+    grads = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        assert (param.grad is None) == (grads[name].grad is None), name
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, rtol=rtol, atol=atol, msg=name)
+    return outputs
+
+
 def gate_inputs(tokens, hc, hidden, use_conv, dtype=torch.float32, device="cpu", seed=0):
     """Random gate inputs (leaf tensors that want gradients), one token with a zero key (score 0: sign(0) = 0)."""
     generator = torch.Generator().manual_seed(seed)

@@ -16,6 +16,7 @@ from conftest import (
     assert_gate_gradients_match_the_twin,
     assert_generates_like,
     assert_matches_reference,
+    assert_training_gradients_match,
     build_model,
 )
 
@@ -109,15 +110,8 @@ def test_model_with_torch_kernels_matches_reference_logits_gradients_and_generat
     ids = torch.randint(0, 512, (2, 12))
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    out_ref = reference(ids, attention_mask=mask, labels=ids)
-    out_fast = fast(ids, attention_mask=mask, labels=ids)
+    out_fast, out_ref = assert_training_gradients_match(fast, reference, ids, 1e-4, 1e-6, attention_mask=mask)
     torch.testing.assert_close(out_fast.logits, out_ref.logits, rtol=1e-5, atol=1e-6)
-    out_ref.loss.backward()
-    out_fast.loss.backward()
-    grads_ref = dict(reference.named_parameters())
-    for name, param in fast.named_parameters():
-        if param.grad is not None:
-            torch.testing.assert_close(param.grad, grads_ref[name].grad, rtol=1e-4, atol=1e-6, msg=name)
     assert_generates_like(fast, reference, ids, mask, max_new_tokens=6)
 
 
@@ -254,15 +248,7 @@ def test_triton_interp_training_gradients_match_reference(triton_interpreter):
     fast = copy.deepcopy(reference)
     fast.config.engram_kernels = "triton"
     ids = torch.randint(0, 512, (2, 12))
-    losses = [model(ids, labels=ids).loss for model in (reference, fast)]
-    torch.testing.assert_close(losses[1], losses[0])
-    for loss in losses:
-        loss.backward()
-    grads = dict(reference.named_parameters())
-    for name, param in fast.named_parameters():
-        assert (param.grad is None) == (grads[name].grad is None), name
-        if param.grad is not None:
-            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_training_gradients_match(fast, reference, ids, rtol=1e-4, atol=1e-6)
 
 
 def test_triton_interp_model_kernels_matches_reference(triton_interpreter):

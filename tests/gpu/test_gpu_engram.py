@@ -8,7 +8,11 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import assert_gate_gradients_match_the_twin, assert_matches_reference
+from conftest import (
+    assert_gate_gradients_match_the_twin,
+    assert_matches_reference,
+    assert_training_gradients_match,
+)
 
 from engram_moe import EngramLayer, EngramMoEForCausalLM, get_preset, hash_ngrams
 from engram_moe.engram_kernels import engram_gate_torch, engram_gate_triton, engram_hash, hash_gather
@@ -161,12 +165,7 @@ def test_training_step_gradients_fast_vs_reference():
     reference.train()
     fast.train()
     ids = torch.randint(0, 512, (2, 24), device=CUDA)
-    reference(ids, labels=ids).loss.backward()
-    fast(ids, labels=ids).loss.backward()
-    grads = dict(reference.named_parameters())
-    for name, param in fast.named_parameters():
-        if param.grad is not None:
-            torch.testing.assert_close(param.grad, grads[name].grad, rtol=1e-3, atol=1e-5, msg=name)
+    assert_training_gradients_match(fast, reference, ids, rtol=1e-3, atol=1e-5)
 
 
 @needs_triton
